@@ -1,7 +1,14 @@
 """shapcam_ext: Shap-CAM visual explanations with compiled masking and scatter ops."""
 from shapcam_ext._backend import backend_info
-from shapcam_ext.ops import masked_prefixes, scatter_marginals_
+from shapcam_ext.cam import ShapCAM
+from shapcam_ext.engine import BatchError, SamplingConfig, ShapleyResult
+from shapcam_ext.ops import linear_walk_, masked_prefixes, scatter_marginals_
+from shapcam_ext.targets import ClassifierOutputSoftmaxTarget, ClassifierOutputTarget, ClassTarget
 
 __version__ = "0.1.0"
 
-__all__ = ["backend_info", "masked_prefixes", "scatter_marginals_", "__version__"]
+__all__ = [
+    "BatchError", "ClassTarget", "ClassifierOutputSoftmaxTarget", "ClassifierOutputTarget", "SamplingConfig",
+    "ShapCAM", "ShapleyResult", "__version__", "backend_info", "linear_walk_", "masked_prefixes",
+    "scatter_marginals_",
+]

@@ -1,0 +1,31 @@
+"""ShapCAM as a genuine pytorch-grad-cam ``BaseCAM``, for that library's own tooling."""
+from __future__ import annotations
+
+from typing import Callable, List, Optional
+
+import numpy as np
+import torch
+from pytorch_grad_cam.base_cam import BaseCAM
+
+from shapcam_ext.cam import ShapCAM
+
+
+class ShapCAMBase(BaseCAM):
+    """A ``BaseCAM`` subclass whose per-layer map comes from the Shapley engine.
+
+    BaseCAM does the forward pass, the ReLU, scaling and layer aggregation; only
+    ``get_cam_image`` (its extension point) is overridden. Extra keyword arguments are
+    ShapCAM's sampling settings (n_permutations, seed, ...). As in pytorch-grad-cam,
+    ``targets=None`` scores the top class's logit here; pass ClassifierOutputSoftmaxTarget
+    for the paper's Y^c.
+    """
+
+    def __init__(self, model: torch.nn.Module, target_layers: List[torch.nn.Module],
+                 reshape_transform: Optional[Callable] = None, **shapcam_options):
+        super().__init__(model, target_layers, reshape_transform, uses_gradients=False)
+        self.shapcam = ShapCAM(model, target_layers, reshape_transform, **shapcam_options)
+
+    def get_cam_image(self, input_tensor, target_layer, targets, activations, grads, eigen_smooth=False) -> np.ndarray:
+        layer = next(i for i, t in enumerate(self.target_layers) if t is target_layer)
+        results = self.shapcam.explain(input_tensor, targets, layer)
+        return torch.stack([r.feature_map for r in results]).float().numpy()

@@ -1,0 +1,99 @@
+"""The players: how a target activation becomes a grid of players and back.
+
+A CNN activation (B, C, h, w) is already a grid of h*w positions. A ViT token tensor goes
+through the user's ``reshape_transform`` (pytorch-grad-cam's convention, tokens to a grid);
+since that transform only rearranges tokens, pushing token *indices* through it tells which
+token each grid cell is, and masked grids are written back into the token tensor. Tokens the
+transform drops (a class token) are never masked. Grouping fuses g x g cells into one player
+with pixel_unshuffle, so the masking op sees a coarser grid with g*g times the channels.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+
+class PlayerGrid:
+    """Maps an activation to its (B, C*g*g, H, W) player grid, and masked grids back."""
+
+    def __init__(self, activation: torch.Tensor, reshape_transform: Optional[Callable] = None, group_size: int = 1):
+        if group_size < 1:
+            raise ValueError(f"group_size must be >= 1, got {group_size}")
+        self.activation = activation
+        self.group_size = group_size
+        self.token_index = None
+        if reshape_transform is not None:
+            grid = reshape_transform(activation)
+            self.token_index = _token_index(activation, reshape_transform, grid)
+        elif activation.dim() == 4:
+            grid = activation
+        else:
+            raise ValueError(
+                f"the target layer's output has shape {tuple(activation.shape)}, not (B, C, h, w); pass "
+                "reshape_transform= to turn it into a grid (e.g. ViT tokens -> (B, C, h, w))"
+            )
+        self.grid_shape = grid.shape[1:]  # (C, h, w)
+        h, w = grid.shape[-2:]
+        self.padding = (0, -w % group_size, 0, -h % group_size)
+        self.players = self.to_players(grid)
+
+    @property
+    def player_shape(self) -> tuple:
+        return tuple(self.players.shape[-2:])
+
+    def to_players(self, grid: torch.Tensor) -> torch.Tensor:
+        if self.group_size == 1:
+            return grid
+        return F.pixel_unshuffle(F.pad(grid, self.padding), self.group_size)
+
+    def baseline(self, baseline) -> torch.Tensor:
+        """The baseline in player layout: a scalar stays a scalar, a tensor is broadcast to the grid."""
+        base = torch.as_tensor(baseline, dtype=self.players.dtype, device=self.players.device)
+        if base.dim() == 0:
+            return base
+        try:
+            grid = base.expand((self.players.shape[0],) + tuple(self.grid_shape))
+        except RuntimeError as err:
+            raise ValueError(
+                f"baseline of shape {tuple(base.shape)} does not broadcast to the target grid "
+                f"{tuple(self.grid_shape)}; pass a scalar or a (C, h, w)-broadcastable tensor"
+            ) from err
+        return self.to_players(grid.contiguous())
+
+    def head_input(self, players: torch.Tensor, images: slice) -> torch.Tensor:
+        """The head's input for masked player grids of the images in ``images``, image-major."""
+        grid = players
+        if self.group_size > 1:
+            grid = F.pixel_shuffle(players, self.group_size)[..., : self.grid_shape[-2], : self.grid_shape[-1]]
+        if self.token_index is None:
+            return grid
+        source = self.activation[images]
+        per_image = grid.shape[0] // source.shape[0]
+        tokens = source.repeat_interleave(per_image, 0).flatten(1)
+        tokens[:, self.token_index] = grid.reshape(grid.shape[0], -1)
+        return tokens.view((-1,) + tuple(source.shape[1:]))
+
+    def to_map(self, values: torch.Tensor) -> torch.Tensor:
+        """Per-player values (..., H, W) spread over the feature grid (..., h, w) for display."""
+        if self.group_size == 1:
+            return values
+        g = self.group_size
+        full = values.repeat_interleave(g, -2).repeat_interleave(g, -1)
+        return full[..., : self.grid_shape[-2], : self.grid_shape[-1]]
+
+
+def _token_index(activation: torch.Tensor, reshape_transform: Callable, grid: torch.Tensor) -> torch.Tensor:
+    """Flat index into one image's activation of every grid element (C*h*w,)."""
+    if grid.dim() != 4:
+        raise ValueError(f"reshape_transform must return (B, C, h, w), got shape {tuple(grid.shape)}")
+    one = activation[:1]
+    probe = torch.arange(one.numel(), dtype=torch.float64, device=activation.device).view(one.shape)
+    index = reshape_transform(probe).reshape(-1)
+    if index.numel() != grid[0].numel() or not torch.equal(index, index.round()) or index.unique().numel() != index.numel():
+        raise ValueError(
+            "reshape_transform must only rearrange (permute/reshape/slice) the activation's elements; "
+            "Shap-CAM masks grid cells by writing them back into the tokens"
+        )
+    return index.long()

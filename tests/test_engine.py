@@ -1,0 +1,227 @@
+"""Shapley properties of the estimator on tiny models, against exact enumeration."""
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from shapcam_ext import ShapCAM
+from shapcam_ext.engine import BatchError
+from shapcam_ext.exact import exact_shapley
+from shapcam_ext.targets import ClassifierOutputSoftmaxTarget, ClassifierOutputTarget
+
+
+def tiny_model(seed=0, channels=4, classes=5):
+    """Trunk: conv to (B, C, h, w). Head: a non-linear, non-additive net over positions."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, channels, 3, padding=1),
+        nn.ReLU(),  # target layer "1"
+        nn.Conv2d(channels, channels, 2),  # mixes neighbouring positions: interactions
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.LazyLinear(classes),
+    ).eval()
+
+
+def masked_worth(model, x, category, softmax=True, baseline=0.0):
+    """Worth of every coalition by masking the target activation directly (independent path)."""
+    act = model[:2](x)
+    head = model[2:]
+
+    def worth(members):
+        keep = members.view(-1, 1, *act.shape[-2:])
+        out = head(torch.where(keep, act, torch.as_tensor(baseline)))
+        scores = out.softmax(-1) if softmax else out
+        return scores[:, category]
+
+    return worth
+
+
+def explain(model, x, **kw):
+    targets = kw.pop("targets", None)
+    with ShapCAM(model, [model[1]], **kw) as cam:
+        return cam.explain(x, targets)
+
+
+@pytest.fixture(scope="module")
+def model_and_input():
+    model = tiny_model()
+    x = torch.randn(1, 3, 2, 3)  # 6 players: exact mode walks all 720 orders
+    model(x)  # materialise the lazy layer
+    return model, x
+
+
+@pytest.mark.parametrize("softmax", [True, False])
+def test_exact_mode_matches_enumeration(model_and_input, softmax):
+    model, x = model_and_input
+    target = ClassifierOutputSoftmaxTarget(2) if softmax else ClassifierOutputTarget(2)
+    result = explain(model, x, exact=True, targets=[target])[0]
+    expected = exact_shapley(masked_worth(model, x, 2, softmax), 6)
+    torch.testing.assert_close(result.shapley.flatten(), expected, atol=1e-6, rtol=1e-5)
+
+
+def test_sampling_converges_to_exact(model_and_input):
+    model, x = model_and_input
+    expected = exact_shapley(masked_worth(model, x, 1), 6)
+    result = explain(model, x, n_permutations=4000, targets=[ClassifierOutputSoftmaxTarget(1)])[0]
+    error = (result.shapley.flatten() - expected).abs()
+    # Within 5 standard errors everywhere, and the standard errors are small.
+    assert (error <= 5 * result.std_error.flatten() + 1e-9).all(), (error, result.std_error)
+    assert result.max_std_error < 0.05 * expected.abs().max()
+
+
+@pytest.mark.parametrize("antithetic", [True, False])
+def test_efficiency_holds_for_every_image(antithetic):
+    model = tiny_model(1)
+    x = torch.randn(3, 3, 4, 4)
+    model(x)
+    for r in explain(model, x, n_permutations=7, antithetic=antithetic):
+        assert r.efficiency_gap < 1e-6
+        assert abs(r.shapley.sum() - (r.value_full - r.value_empty)) < 1e-6
+
+
+def test_null_player_gets_zero_and_symmetric_players_equal():
+    # A pooled head is symmetric in positions; a position equal to the baseline is a null player.
+    head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3))
+    model = nn.Sequential(nn.Identity(), head).eval()
+    x = torch.randn(1, 3, 2, 3)
+    x[..., 0, 0] = 0.0  # null player
+    x[..., 1, 2] = x[..., 0, 1]  # symmetric pair
+    result = ShapCAM(model, [model[0]], n_permutations=64).explain(x)[0]
+    assert result.shapley[0, 0] == 0.0
+    exact = ShapCAM(model, [model[0]], exact=True).explain(x)[0]
+    torch.testing.assert_close(exact.shapley[1, 2], exact.shapley[0, 1], atol=1e-9, rtol=0)
+
+
+def test_seed_makes_maps_bit_identical(model_and_input):
+    model, x = model_and_input
+    a = explain(model, x, n_permutations=32, seed=7)[0].shapley
+    b = explain(model, x, n_permutations=32, seed=7)[0].shapley
+    c = explain(model, x, n_permutations=32, seed=8)[0].shapley
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_chunking_and_batching_do_not_change_values():
+    model = tiny_model(2)
+    x = torch.randn(3, 3, 3, 3)
+    model(x)
+    whole = explain(model, x, n_permutations=10)
+    chunked = explain(model, x, n_permutations=10, batch_size=4)  # prefix ranges inside permutations
+    single = [explain(model, x[i:i + 1], n_permutations=10)[0] for i in range(3)]
+    for w, c, s in zip(whole, chunked, single):
+        torch.testing.assert_close(w.shapley, c.shapley, atol=1e-7, rtol=1e-6)
+        torch.testing.assert_close(w.shapley, s.shapley, atol=1e-7, rtol=1e-6)
+
+
+def test_tolerance_stops_early(model_and_input):
+    model, x = model_and_input
+    result = explain(model, x, n_permutations=4096, tolerance=0.5)[0]
+    assert result.n_permutations < 4096
+    assert result.max_std_error / result.shapley.abs().max() < 0.5
+
+
+def test_grouped_players_match_grouped_enumeration():
+    model = tiny_model(3)
+    x = torch.randn(1, 3, 4, 4)
+    model(x)
+    result = explain(model, x, exact=True, group_size=2, targets=[ClassifierOutputSoftmaxTarget(0)])[0]
+    cells = torch.arange(16).view(4, 4)
+    group_of = ((cells // 4) // 2) * 2 + (cells % 4) // 2  # 2x2 cells -> 4 players
+    base = masked_worth(model, x, 0)
+    expected = exact_shapley(lambda groups: base(groups[:, group_of.flatten()]), 4)
+    torch.testing.assert_close(result.shapley.flatten(), expected, atol=1e-6, rtol=1e-5)
+    assert result.feature_map.shape == (4, 4)
+
+
+class TokenModel(nn.Module):
+    """ViT-like: a class token plus a 2x2 grid of tokens; the head reads all tokens."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(4)
+        self.embed = nn.Linear(3, 6)
+        self.block = nn.Identity()
+        self.mix = nn.Linear(6, 6)
+        self.out = nn.Linear(6, 3)
+
+    def forward(self, x):  # x: (B, 5, 3)
+        tokens = self.block(self.embed(x))
+        return self.out(torch.tanh(self.mix(tokens)).mean(1) + tokens[:, 0])
+
+
+def tokens_to_grid(tokens):
+    return tokens[:, 1:].reshape(tokens.shape[0], 2, 2, -1).permute(0, 3, 1, 2)
+
+
+def test_tokens_are_players_through_reshape_transform():
+    model = TokenModel().eval()
+    x = torch.randn(1, 5, 3)
+    result = ShapCAM(model, [model.block], reshape_transform=tokens_to_grid, exact=True).explain(
+        x, [ClassifierOutputSoftmaxTarget(1)])[0]
+    tokens = model.embed(x)
+
+    def worth(members):
+        keep = torch.cat([torch.ones(members.shape[0], 1, dtype=torch.bool), members], 1)[..., None]
+        t = torch.where(keep, tokens, 0.0)
+        return model.out(torch.tanh(model.mix(t)).mean(1) + t[:, 0]).softmax(-1)[:, 1]
+
+    torch.testing.assert_close(result.shapley.flatten(), exact_shapley(worth, 4), atol=1e-6, rtol=1e-5)
+
+
+def test_cam_call_matches_gradcam_postprocessing(model_and_input):
+    from pytorch_grad_cam.utils.image import scale_cam_image as gradcam_scale
+
+    model, x = model_and_input
+    x = torch.randn(2, 3, 2, 3)
+    cam = ShapCAM(model, [model[1]], n_permutations=16)
+    maps = cam(input_tensor=x, targets=None)
+    results = cam.explain(x)
+    per_layer = gradcam_scale(np.maximum(torch.stack([r.shapley for r in results]).numpy(), 0), (3, 2))
+    expected = gradcam_scale(np.maximum(per_layer[:, None], 0).mean(1))
+    assert maps.dtype == np.float32 and maps.shape == (2, 2, 3)
+    np.testing.assert_allclose(maps, expected, atol=1e-5)
+    # targets=None explains each image's top class with its softmax probability.
+    assert [r.target.category for r in results] == cam.outputs.argmax(-1).tolist()
+    assert all(r.target.softmax for r in results)
+
+
+def test_resize_matches_opencv():
+    from pytorch_grad_cam.utils.image import scale_cam_image as gradcam_scale
+
+    from shapcam_ext.cam import scale_cam_image
+
+    cams = torch.rand(2, 7, 7, dtype=torch.float64).float()
+    np.testing.assert_allclose(scale_cam_image(cams, (224, 224)), gradcam_scale(cams.numpy(), (224, 224)), atol=1e-5)
+
+
+def test_bad_settings_raise_clear_errors(model_and_input):
+    model, x = model_and_input
+    with pytest.raises(ValueError, match="n_permutations"):
+        ShapCAM(model, [model[1]], n_permutations=0)
+    with pytest.raises(ValueError, match="tolerance"):
+        ShapCAM(model, [model[1]], tolerance=0.0)
+    with pytest.raises(ValueError, match="memory_budget"):
+        ShapCAM(model, [model[1]], memory_budget=16).explain(x)
+    with pytest.raises(ValueError, match="targets for a batch of 1"):
+        ShapCAM(model, [model[1]]).explain(x, [ClassifierOutputTarget(0)] * 2)
+    with pytest.raises(ValueError, match="reshape_transform"):
+        ShapCAM(TokenModel().eval(), ["block"]).explain(torch.randn(1, 5, 3))
+
+
+def test_device_mismatch_is_reported():
+    meta_model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten()).eval().to("meta")
+    with pytest.raises(ValueError, match="move the input"):
+        ShapCAM(meta_model, [meta_model[1]]).explain(torch.randn(1, 3, 3, 3))
+
+
+def test_nan_image_fails_alone():
+    model = tiny_model(5)
+    x = torch.randn(3, 3, 3, 3)
+    model(x)
+    x[1, 0, 0, 0] = float("nan")
+    with pytest.raises(BatchError, match="NaN or Inf") as info:
+        explain(model, x, n_permutations=4)
+    results = info.value.results
+    assert results[1] is None and results[0] is not None and results[2] is not None
+    assert list(info.value.failures) == [1]
