@@ -1,0 +1,403 @@
+"""Split a model at a target module into a trunk (input -> activation) and a head (activation -> output).
+
+Shap-CAM evaluates the head on many masked copies of the target activation, so the head must be
+cheap to call on its own. The split is done on a torch.fx graph of the model: the trunk graph
+computes everything up to the target module, the head graph everything that depends on its output.
+Values computed before the cut that the head still needs (residual skip inputs, for example) are
+returned by the trunk as ``held`` tensors and passed to the head unchanged.
+
+When fx cannot trace the model, or the target module is called more than once, a hook-based
+split is used instead: correct, but the head reruns the whole model on every call.
+"""
+from __future__ import annotations
+
+import difflib
+import inspect
+import operator
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Union
+
+import torch
+import torch.fx as fx
+from torch import Tensor, nn
+
+__all__ = ["SplitModel", "TrunkOutput", "split_model", "module_name"]
+
+
+@dataclass
+class TrunkOutput:
+    """What the trunk returns for a batch of B inputs.
+
+    Attributes:
+        activation: the target module's output, (B, C, h, w) for CNNs.
+        held: other values alive at the cut that the head needs, in a fixed order; pass them to
+            the head unchanged (``head(activation, *held)``). Usually tensors of batch B (skip
+            inputs; the input itself on the hook path); non-tensor values (e.g. an attention mask
+            of None from timm) are passed through as they are.
+    """
+
+    activation: Tensor
+    held: tuple[Tensor, ...]
+
+
+@dataclass
+class SplitModel:
+    """A model cut at ``layer_name``.
+
+    Attributes:
+        trunk: ``trunk(x) -> TrunkOutput``; runs the model once up to the cut.
+        head: ``head(activation, *held) -> output``. ``activation`` may hold N = B*M rows for held
+            values of batch B (image-major: rows b*M .. (b+1)*M-1 belong to image b); held tensors
+            are then repeated to N with ``repeat_interleave``. The head never modifies its inputs.
+        layer_name: qualified name of the target module inside the model.
+        traced: True when trunk and head are fx graphs, False for the hook fallback or a user head.
+        graph_module: the head's fx GraphModule (placeholders: activation, *held) when traced.
+    """
+
+    trunk: Callable[[Tensor], TrunkOutput]
+    head: Callable[..., Tensor]
+    layer_name: str
+    traced: bool
+    graph_module: Optional[fx.GraphModule]
+
+
+def module_name(model: nn.Module, module: nn.Module) -> str:
+    """Qualified name of ``module`` inside ``model`` (first name if it is registered twice).
+
+    Raises:
+        ValueError: ``module`` is not a submodule of ``model``.
+    """
+    for name, candidate in model.named_modules():
+        if candidate is module:
+            return name
+    raise ValueError(
+        f"{type(module).__name__} module is not a submodule of the {type(model).__name__} model; "
+        "pass a module taken from this model (see model.named_modules())"
+    )
+
+
+def _resolve_layer(model: nn.Module, target_layer: Union[nn.Module, str]) -> tuple[str, nn.Module]:
+    if isinstance(target_layer, nn.Module):
+        name = module_name(model, target_layer)
+        module = target_layer
+    else:
+        modules = dict(model.named_modules())
+        if target_layer not in modules:
+            names = [n for n in modules if n]
+            close = difflib.get_close_matches(target_layer, names, n=5, cutoff=0.5) or names[-5:]
+            raise ValueError(
+                f"layer {target_layer!r} not found in the {type(model).__name__} model; "
+                f"close names: {', '.join(close)} (see model.named_modules())"
+            )
+        name, module = target_layer, modules[target_layer]
+    if not name:
+        raise ValueError("the target layer must be a submodule of the model, not the model itself")
+    return name, module
+
+
+# ----------------------------------------------------------------------------------- fx split
+
+
+def _timm_notrace() -> tuple[tuple[type, ...], tuple[Callable, ...]]:
+    """timm's registered no-trace modules and functions (what its own fx feature extractor uses)."""
+    try:
+        from timm.layers import get_notrace_functions, get_notrace_modules
+    except ImportError:
+        return (), ()
+    return tuple(get_notrace_modules()), tuple(get_notrace_functions())
+
+
+class _CutTracer(fx.Tracer):
+    """Keeps the target module (and timm's no-trace modules) as single call_module nodes."""
+
+    def __init__(self, target: str, extra_leaves: tuple[type, ...], autowrap_functions: tuple[Callable, ...]):
+        super().__init__(autowrap_functions=autowrap_functions)
+        self.target = target
+        self.extra_leaves = extra_leaves
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if module_qualified_name == self.target:
+            return True
+        if self.target.startswith(module_qualified_name + "."):
+            return False  # an ancestor of the target must be traced through, or the cut vanishes
+        return isinstance(m, self.extra_leaves) or super().is_leaf_module(m, module_qualified_name)
+
+
+# Metadata reads: recomputed in the head (from a held tensor) so that sizes follow the head's batch.
+_META_ATTRS = {"shape", "ndim", "dtype", "device", "is_cuda"}
+_META_METHODS = {"size", "dim"}
+_INPLACE_OPERATORS = {
+    operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv, operator.imod,
+    operator.ipow, operator.imatmul, operator.iand, operator.ior, operator.ixor, operator.ilshift,
+    operator.irshift,
+}
+
+
+def _is_metadata(node: fx.Node) -> bool:
+    if node.op == "call_function" and node.target is getattr:
+        return node.args[1] in _META_ATTRS
+    return node.op == "call_method" and node.target in _META_METHODS
+
+
+def _mutates_first_arg(node: fx.Node, root: nn.Module) -> bool:
+    """Whether ``node`` may write into its first argument (in-place ops seen in torchvision/timm)."""
+    if node.op == "call_module":
+        return getattr(root.get_submodule(node.target), "inplace", False) is True
+    if node.op == "call_method":
+        return node.target.endswith("_") and not node.target.endswith("__")
+    if node.op != "call_function":
+        return False
+    if node.target in _INPLACE_OPERATORS:
+        return True
+    name = getattr(node.target, "__name__", "")
+    if name.endswith("_") and not name.endswith("__"):
+        return True  # torch.relu_, torch.add_ ...
+    try:
+        return inspect.signature(node.target).bind(*node.args, **node.kwargs).arguments.get("inplace") is True
+    except (TypeError, ValueError):  # builtins without a signature
+        return node.kwargs.get("inplace") is True
+
+
+def _partition(graph: fx.Graph, cut: fx.Node) -> tuple[list[fx.Node], list[fx.Node]]:
+    """Head nodes (graph order, output last) and held nodes (graph order) for a cut at ``cut``.
+
+    The head takes every node that depends on the cut, plus whatever it uses that does not depend
+    on the input's data (parameters, constants, shape reads): those are cheap and must see the
+    head's batch. Anything else it uses is computed once by the trunk and held.
+    """
+    after_cut: set[fx.Node] = set()
+    data_dep: set[fx.Node] = set()
+    for node in graph.nodes:
+        inputs = node.all_input_nodes
+        if node is cut or any(i in after_cut for i in inputs):
+            after_cut.add(node)
+        if node.op == "placeholder" or (not _is_metadata(node) and any(i in data_dep for i in inputs)):
+            data_dep.add(node)
+
+    output = next(n for n in reversed(graph.nodes) if n.op == "output")
+    head = (after_cut - {cut}) | {output}
+    stack = list(head)
+    while stack:
+        for i in stack.pop().all_input_nodes:
+            if i not in head and i is not cut and i not in data_dep:
+                head.add(i)
+                stack.append(i)
+    held = {i for n in head for i in n.all_input_nodes if i not in head and i is not cut}
+    order = {n: k for k, n in enumerate(graph.nodes)}
+    return sorted(head, key=order.__getitem__), sorted(held, key=order.__getitem__)
+
+
+def _copy(graph: fx.Graph, node: fx.Node, env: dict[fx.Node, fx.Node]) -> None:
+    env[node] = graph.node_copy(node, lambda n: env[n])
+
+
+def _trunk_graph(graph: fx.Graph, cut: fx.Node, held: list[fx.Node]) -> fx.Graph:
+    """The original graph's placeholders and the ancestors of (cut, *held), outputting those."""
+    needed: set[fx.Node] = set()
+    stack = [cut, *held]
+    while stack:
+        node = stack.pop()
+        if node not in needed:
+            needed.add(node)
+            stack.extend(node.all_input_nodes)
+    trunk: fx.Graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for node in graph.nodes:
+        if node.op == "placeholder" or node in needed:
+            _copy(trunk, node, env)
+    trunk.output((env[cut], *(env[h] for h in held)))
+    return trunk
+
+
+def _head_graph(graph_nodes: list[fx.Node], cut: fx.Node, held: list[fx.Node], root: nn.Module) -> fx.Graph:
+    head: fx.Graph = fx.Graph()
+    env = {cut: head.placeholder("activation")}
+    env.update({h: head.placeholder(f"held_{k}") for k, h in enumerate(held)})
+    for node in graph_nodes:
+        if node.op == "output":
+            head.output(fx.map_arg(node.args[0], env.__getitem__))
+        else:
+            _copy(head, node, env)
+    _protect_inputs(head, root)
+    return head
+
+
+def _protect_inputs(graph: fx.Graph, root: nn.Module) -> None:
+    """Clone placeholders that an in-place op would overwrite (e.g. densenet's F.relu(inplace=True)
+    right after ``features``), so the caller's activation and held tensors stay intact."""
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    first_op = next(n for n in graph.nodes if n.op != "placeholder")
+    for ph in placeholders:
+        if any(u.args and u.args[0] is ph and _mutates_first_arg(u, root) for u in ph.users):
+            with graph.inserting_before(first_op):
+                copy = graph.call_method("clone", (ph,))
+            ph.replace_all_uses_with(copy, delete_user_cb=lambda user: user is not copy)
+
+
+def _expand_held(held: tuple[Any, ...], n: int) -> tuple[Any, ...]:
+    """Repeat batched held tensors (batch B) to the head's batch N = B*M, image-major."""
+    out = []
+    for h in held:
+        if isinstance(h, Tensor) and h.dim() > 0 and h.shape[0] != n:
+            b = h.shape[0]
+            if n % b:
+                raise ValueError(
+                    f"head got {n} activation rows but held tensors have batch {b}; the activation "
+                    "batch must be a multiple M of B, rows b*M..(b+1)*M-1 belonging to image b"
+                )
+            h = h.repeat_interleave(n // b, dim=0)
+        out.append(h)
+    return tuple(out)
+
+
+class _GraphTrunk(nn.Module):
+    def __init__(self, graph_module: fx.GraphModule):
+        super().__init__()
+        self.graph_module = graph_module
+
+    def forward(self, x: Tensor) -> TrunkOutput:
+        activation, *held = self.graph_module(x)
+        return TrunkOutput(activation, tuple(held))
+
+
+class _GraphHead(nn.Module):
+    def __init__(self, graph_module: fx.GraphModule, n_held: int):
+        super().__init__()
+        self.graph_module = graph_module
+        self.n_held = n_held
+
+    def forward(self, activation: Tensor, *held: Any) -> Any:
+        if len(held) != self.n_held:
+            raise TypeError(f"head expects the activation and {self.n_held} held values, got {len(held)}")
+        return self.graph_module(activation, *_expand_held(held, activation.shape[0]))
+
+
+class _NotTraceable(Exception):
+    """Why the fx split is not possible; the hook path is used instead."""
+
+
+def _fx_split(model: nn.Module, name: str) -> SplitModel:
+    """fx split; raises _NotTraceable (with the reason) when the hook path must be used instead."""
+    leaves, functions = _timm_notrace()
+    try:
+        graph = _CutTracer(name, leaves, functions).trace(model)
+    except Exception as err:  # fx raises many types for untraceable Python (TraceError, TypeError, ...)
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise _NotTraceable(f"{type(err).__name__}: {reason}") from err
+    cuts = [n for n in graph.nodes if n.op == "call_module" and n.target == name]
+    if len(cuts) != 1:
+        raise _NotTraceable(f"the target layer {name!r} appears {len(cuts)} times in the traced graph, not once")
+    head_nodes, held = _partition(graph, cuts[0])
+    trunk_gm = fx.GraphModule(model, _trunk_graph(graph, cuts[0], held))
+    head_gm = fx.GraphModule(model, _head_graph(head_nodes, cuts[0], held, model))
+    return SplitModel(_GraphTrunk(trunk_gm), _GraphHead(head_gm, len(held)), name, True, head_gm)
+
+
+# ------------------------------------------------------------------------------ hook fallback
+
+
+class _CutReached(Exception):
+    """Raised by the capture hook to stop the forward pass once the target output is known."""
+
+
+class _HookTrunk(nn.Module):
+    """Runs the model until the target module's first call returns and captures its output.
+
+    With ``hold_input`` the input is returned as the only held value, for the hook head.
+    """
+
+    def __init__(self, model: nn.Module, target: nn.Module, name: str, hold_input: bool):
+        super().__init__()
+        self.model, self.target, self.name, self.hold_input = model, target, name, hold_input
+
+    def forward(self, x: Tensor) -> TrunkOutput:
+        captured = []
+
+        def capture(module, inputs, output):
+            captured.append(output)
+            raise _CutReached
+
+        handle = self.target.register_forward_hook(capture)
+        try:
+            self.model(x)
+        except _CutReached:
+            pass
+        finally:
+            handle.remove()
+        if not captured:
+            raise RuntimeError(f"the target layer {self.name!r} was not called by the model's forward pass")
+        return TrunkOutput(captured[0], (x,) if self.hold_input else ())
+
+
+class _HookHead(nn.Module):
+    """Reruns the whole model on the (repeated) input, replacing the target's first output."""
+
+    def __init__(self, model: nn.Module, target: nn.Module):
+        super().__init__()
+        self.model, self.target = model, target
+
+    def forward(self, activation: Tensor, x: Tensor) -> Any:
+        (x,) = _expand_held((x,), activation.shape[0])
+        calls = []
+
+        def replace(module, inputs, output):
+            calls.append(None)
+            # clone: the layers after the cut may work in place
+            return activation.clone() if len(calls) == 1 else output
+
+        handle = self.target.register_forward_hook(replace)
+        try:
+            return self.model(x)
+        finally:
+            handle.remove()
+
+
+# ------------------------------------------------------------------------------------ public
+
+
+def split_model(
+    model: nn.Module,
+    target_layer: Union[nn.Module, str],
+    head: Optional[Union[nn.Module, Callable[..., Tensor]]] = None,
+) -> SplitModel:
+    """Cut ``model`` at ``target_layer``.
+
+    The model is used as is: trunk and head share its parameters and its train/eval mode, so put
+    it in eval mode first (a warning is emitted otherwise); then
+    ``head(out.activation, *out.held)`` with ``out = trunk(x)`` equals ``model(x)``.
+
+    Args:
+        model: the network; its forward takes one input batch.
+        target_layer: a submodule of ``model`` or its qualified name (``"layer4"``, ``"features.29"``).
+        head: optional callable mapping the target activation to the output. When given, the trunk
+            only captures the target output (``held == ()``) and this head is used as is.
+
+    Returns:
+        A SplitModel. With fx, trunk and head are graphs and ``traced`` is True. If fx cannot trace
+        the model or the target is called more than once, a warning is emitted and the hook path is
+        used: the trunk stops the model at the target's first call and holds the input, the head
+        reruns the model with that output replaced (same values, slower); ``traced`` is False.
+
+    Raises:
+        ValueError: the layer name is unknown, the module is not part of ``model``, or it is the
+            model itself.
+    """
+    name, module = _resolve_layer(model, target_layer)
+    if model.training:
+        warnings.warn(
+            "split_model: the model is in training mode; call model.eval() first, or batch norm and "
+            "dropout make the head's output differ from the model's",
+            stacklevel=2,
+        )
+    if head is not None:
+        return SplitModel(_HookTrunk(model, module, name, hold_input=False), head, name, False, None)
+    try:
+        return _fx_split(model, name)
+    except _NotTraceable as reason:
+        warnings.warn(
+            f"split_model: torch.fx could not trace {type(model).__name__} at {name!r} ({reason}); "
+            "using the slower hook path, whose head reruns the whole model on every call",
+            stacklevel=2,
+        )
+        return SplitModel(_HookTrunk(model, module, name, hold_input=True), _HookHead(model, module), name, False, None)
