@@ -59,8 +59,10 @@ def load_image(path: Union[str, Path]) -> Image.Image:
     try:
         with Image.open(path) as img:
             return img.convert("RGB")  # decodes the whole file, so truncation shows up here
+    except Image.DecompressionBombError as err:
+        raise ValueError(f"{path} is too large to decode safely ({err}); downscale it first") from err
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise ValueError(f"{path} is not a readable image ({type(err).__name__}: {err})") from err
+        raise ValueError(f"{path} is not a readable image ({type(err).__name__}); check the file") from err
 
 
 def _resize_crop(img: Image.Image, cfg: PreprocessConfig) -> Image.Image:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import pickle
 import re
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
@@ -127,10 +128,14 @@ def load_checkpoint(path: Union[str, Path]) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
+        if "global" not in str(err).lower():  # random bytes also surface as unpickling errors
+            raise ValueError(
+                f"{path} is not a torch checkpoint (corrupt or another format); save the weights with "
+                "torch.save(model.state_dict(), path)"
+            ) from err
         raise ValueError(
-            f"{path}: torch.load(weights_only=True) refused it, it pickles more than tensors "
-            f"({str(err).splitlines()[0]}); if you trust the file, re-save it with "
-            "torch.save(model.state_dict(), path)"
+            f"{path} pickles objects other than tensors, which torch.load(weights_only=True) refuses; "
+            "if you trust the file, re-save it with torch.save(model.state_dict(), path)"
         ) from err
     except Exception as err:  # truncated zip, random bytes, wrong format ...
         raise ValueError(
@@ -251,6 +256,9 @@ def load_model(
         weights, preprocess = _lite0_weights_path(), _LITE0_PREPROCESS
     if weights is not None:
         _load_into(model, load_checkpoint(weights), weights)
+    else:
+        warnings.warn(f"{name} has random weights: no real checkpoint ships offline for it; pass weights=PATH",
+                      stacklevel=2)
     return model.eval(), preprocess
 
 
