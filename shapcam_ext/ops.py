@@ -44,11 +44,11 @@ def check_masked_prefixes_args(activations, baseline, perms, perm_start, perm_en
     k = perms.shape[0]
     torch._check(
         0 <= perm_start < perm_end <= k,
-        lambda: f"permutation range [{perm_start}, {perm_end}) must satisfy 0 <= start < end <= K = {k}",
+        lambda: f"perm_range [{perm_start}, {perm_end}) must satisfy 0 <= start < end <= K = {k}",
     )
     torch._check(
         0 <= prefix_start < prefix_end <= n + 1,
-        lambda: f"prefix range [{prefix_start}, {prefix_end}) must satisfy 0 <= start < end <= n+1 = {n + 1}",
+        lambda: f"prefix_range [{prefix_start}, {prefix_end}) must satisfy 0 <= start < end <= n+1 = {n + 1}",
     )
 
 
@@ -65,6 +65,12 @@ def _check_is_permutation(perms):
     expected = torch.arange(perms.shape[1], device=perms.device)
     if not torch.equal(perms.sort(dim=1).values, expected.expand_as(perms)):
         raise ValueError("perms: every row must be a permutation of 0..n-1")
+
+
+def _check_classes_in_range(classes, num_classes):
+    # Data-dependent, like _check_is_permutation.
+    if classes.numel() and not bool(((classes >= 0) & (classes < num_classes)).all()):
+        raise ValueError(f"classes must lie in [0, M) = [0, {num_classes}), the columns of start_logits")
 
 
 def check_scatter_marginals_args(values, perms, phi, phi_sq):
@@ -166,6 +172,11 @@ def check_linear_walk_args(start_logits, deltas, perms, classes, phi, phi_sq):
         lambda: f"classes must be int64 of shape (B,) = ({start_logits.shape[0]},), got {classes.dtype} "
         f"{tuple(classes.shape)}",
     )
+    torch._check(
+        deltas.device == start_logits.device and classes.device == start_logits.device,
+        lambda: "start_logits, deltas and classes must be on one device, got "
+        f"{start_logits.device}, {deltas.device}, {classes.device}",
+    )
     # The accumulators follow scatter_marginals_'s rules, on per-prefix values (B, K, n+1).
     values = start_logits.new_empty((deltas.shape[0], perms.shape[0], deltas.shape[1] + 1))
     check_scatter_marginals_args(values, perms, phi, phi_sq)
@@ -200,6 +211,7 @@ def linear_walk_(
         return
     check_linear_walk_args(start_logits, deltas, perms, classes, phi, phi_sq)
     _check_is_permutation(perms)
+    _check_classes_in_range(classes, start_logits.shape[1])
     reference.linear_walk_(start_logits, deltas, perms, classes, softmax, phi, phi_sq)
 
 
@@ -211,11 +223,17 @@ if COMPILED:
         b = activations.shape[0] if activations.dim() == 4 else 1
         c, h, w = activations.shape[-3:]
         rows = b * (perm_end - perm_start) * (prefix_end - prefix_start)
-        return activations.new_empty((rows, c, h, w), memory_format=torch.channels_last)
+        return torch.empty(
+            (rows, c, h, w), dtype=activations.dtype, device=activations.device, memory_format=torch.channels_last
+        )
 
     @torch.library.register_fake("shapcam::scatter_marginals_")
     def _scatter_marginals_fake(values, perms, phi, phi_sq):
         check_scatter_marginals_args(values, perms, phi, phi_sq)
+
+    @torch.library.register_fake("shapcam::linear_walk_")
+    def _linear_walk_fake(start_logits, deltas, perms, classes, softmax, phi, phi_sq):
+        check_linear_walk_args(start_logits, deltas, perms, classes, phi, phi_sq)
 
     def _masked_prefixes_setup(ctx, inputs, output):
         activations, baseline, perms, perm_start, perm_end, prefix_start, prefix_end = inputs

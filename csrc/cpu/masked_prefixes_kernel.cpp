@@ -1,0 +1,54 @@
+#include <torch/library.h>
+
+#include <cstring>
+
+#include "cpu_helpers.h"
+
+namespace shapcam {
+namespace {
+
+at::Tensor masked_prefixes_cpu(const at::Tensor& activations, const at::Tensor& baseline,
+                               const at::Tensor& perms, int64_t perm_start, int64_t perm_end,
+                               int64_t prefix_start, int64_t prefix_end) {
+  const MaskedPrefixesPlan plan = plan_masked_prefixes(activations, baseline, perms, perm_start,
+                                                       perm_end, prefix_start, prefix_end);
+  check_permutations_cpu(perms);
+  const at::Tensor ranks = permutation_ranks_cpu(perms);
+  if (plan.out.numel() == 0) return plan.out;
+
+  // The copy is dtype-agnostic: runs of C elements move as bytes.
+  const int64_t n = plan.n, run = plan.acts.size(2) * plan.acts.element_size();
+  const char* acts = static_cast<const char*>(plan.acts.const_data_ptr());
+  const char* base = static_cast<const char*>(plan.base.const_data_ptr());
+  char* out = static_cast<char*>(plan.out.data_ptr());
+  const int64_t* rank = ranks.const_data_ptr<int64_t>();
+  const int64_t rows = plan.out.size(0);
+  at::parallel_for(
+      0, rows, std::max<int64_t>(1, (1 << 16) / (n * run)), [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) {
+          const int64_t t = plan.prefix_start + r % plan.num_prefixes;
+          const int64_t k = plan.perm_start + r / plan.num_prefixes % plan.num_perms;
+          const int64_t b = r / plan.num_prefixes / plan.num_perms;
+          const int64_t* rank_k = rank + k * n;
+          const char* kept = acts + b * n * run;
+          const char* removed = base + b * n * run;
+          char* dst = out + r * n * run;
+          // Positions with the same source are adjacent in both source and output: copy each
+          // stretch in one call.
+          for (int64_t p = 0; p < n;) {
+            const bool keep = rank_k[p] < t;
+            int64_t q = p + 1;
+            while (q < n && (rank_k[q] < t) == keep) ++q;
+            std::memcpy(dst + p * run, (keep ? kept : removed) + p * run, (q - p) * run);
+            p = q;
+          }
+        }
+      });
+  return plan.out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(shapcam, CPU, m) { m.impl("masked_prefixes", &masked_prefixes_cpu); }
+
+}  // namespace shapcam

@@ -1,0 +1,202 @@
+// Properties of the shapcam ops, called through the dispatcher as any C++ user would.
+// Runs the CPU kernels, and the CUDA kernels too when the library has them and a GPU is present.
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+
+#include <functional>
+#include <iostream>
+#include <string>
+#include <vector>
+
+namespace {
+
+int failures = 0;
+
+#define EXPECT(cond)                                                                \
+  do {                                                                              \
+    if (!(cond)) {                                                                  \
+      ++failures;                                                                   \
+      std::cerr << __FILE__ << ":" << __LINE__ << ": expected " #cond << std::endl; \
+    }                                                                               \
+  } while (0)
+
+template <typename Signature>
+c10::TypedOperatorHandle<Signature> op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+}
+
+at::Tensor masked_prefixes(const at::Tensor& activations, const at::Tensor& baseline,
+                           const at::Tensor& perms, int64_t perm_start, int64_t perm_end,
+                           int64_t prefix_start, int64_t prefix_end) {
+  static const auto handle =
+      op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t,
+                    int64_t, int64_t)>("shapcam::masked_prefixes");
+  return handle.call(activations, baseline, perms, perm_start, perm_end, prefix_start, prefix_end);
+}
+
+void scatter_marginals_(const at::Tensor& values, const at::Tensor& perms, at::Tensor& phi,
+                        at::Tensor& phi_sq) {
+  static const auto handle =
+      op<void(const at::Tensor&, const at::Tensor&, at::Tensor&, at::Tensor&)>(
+          "shapcam::scatter_marginals_");
+  handle.call(values, perms, phi, phi_sq);
+}
+
+void linear_walk_(const at::Tensor& start_logits, const at::Tensor& deltas, const at::Tensor& perms,
+                  const at::Tensor& classes, bool softmax, at::Tensor& phi, at::Tensor& phi_sq) {
+  static const auto handle =
+      op<void(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, bool,
+              at::Tensor&, at::Tensor&)>("shapcam::linear_walk_");
+  handle.call(start_logits, deltas, perms, classes, softmax, phi, phi_sq);
+}
+
+at::Tensor random_perms(int64_t k, int64_t n, const at::TensorOptions& options) {
+  std::vector<at::Tensor> rows;
+  for (int64_t i = 0; i < k; ++i) rows.push_back(at::randperm(n, at::kLong));
+  return at::stack(rows).to(options.device());
+}
+
+// Each output map (b, k, t) holds activations[b, :, p] where permutation k adds p within its
+// first t steps and the baseline elsewhere.
+void masked_rows_follow_ranks(const at::TensorOptions& options) {
+  const int64_t b = 2, c = 5, h = 3, w = 4, n = h * w, k = 6;
+  const at::Tensor acts =
+      at::randn({b, c, h, w}, options).contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor base = at::randn({c, 1, 1}, options);
+  const at::Tensor perms = random_perms(k, n, options);
+  const at::Tensor out = masked_prefixes(acts, base, perms, 1, 5, 2, n + 1).cpu();
+  EXPECT(out.sizes() == at::IntArrayRef({b * 4 * (n - 1), c, h, w}));
+  EXPECT(out.is_contiguous(at::MemoryFormat::ChannelsLast));
+  const at::Tensor a = acts.cpu().reshape({b, c, n}), z = base.cpu().reshape({c});
+  const at::Tensor order = perms.cpu();
+  int64_t row = 0;
+  for (int64_t i = 0; i < b; ++i) {
+    for (int64_t j = 1; j < 5; ++j) {
+      for (int64_t t = 2; t <= n; ++t, ++row) {
+        const at::Tensor map = out[row].reshape({c, n});
+        std::vector<bool> kept(n, false);
+        for (int64_t s = 0; s < t; ++s) kept[order[j][s].item<int64_t>()] = true;
+        for (int64_t p = 0; p < n; ++p) {
+          EXPECT(at::equal(map.select(1, p), kept[p] ? a[i].select(1, p) : z));
+        }
+      }
+    }
+  }
+}
+
+// Efficiency: the marginals along a permutation telescope, so sum_p phi[p] is
+// sum_k values[k, n] - values[k, 0]; each phi[p] matches a brute-force loop.
+void scatter_is_efficient_and_exact(const at::TensorOptions& options) {
+  const int64_t b = 3, k = 40, n = 7;
+  const auto f64 = options.dtype(at::kDouble);
+  const at::Tensor values = at::randn({b, k, n + 1}, options);
+  const at::Tensor perms = random_perms(k, n, options);
+  at::Tensor phi = at::zeros({b, n}, f64), phi_sq = at::zeros({b, n}, f64);
+  scatter_marginals_(values, perms, phi, phi_sq);
+  const at::Tensor v = values.cpu().to(at::kDouble), order = perms.cpu();
+  const at::Tensor telescoped = (v.select(2, n) - v.select(2, 0)).sum(1);
+  EXPECT(at::allclose(phi.cpu().sum(1), telescoped, 1e-12, 1e-12));
+  at::Tensor expected = at::zeros({b, n}, at::kDouble),
+             expected_sq = at::zeros({b, n}, at::kDouble);
+  for (int64_t i = 0; i < b; ++i) {
+    for (int64_t j = 0; j < k; ++j) {
+      for (int64_t t = 0; t < n; ++t) {
+        const double d = (v[i][j][t + 1] - v[i][j][t]).item<double>();
+        const int64_t p = order[j][t].item<int64_t>();
+        expected[i][p] += d;
+        expected_sq[i][p] += d * d;
+      }
+    }
+  }
+  EXPECT(at::allclose(phi.cpu(), expected, 1e-12, 1e-12));
+  EXPECT(at::allclose(phi_sq.cpu(), expected_sq, 1e-12, 1e-12));
+}
+
+// The walk equals scoring every coalition from scratch.
+void linear_walk_matches_brute_force(const at::TensorOptions& options) {
+  const int64_t b = 2, k = 5, n = 6, m = 9;
+  const auto f64 = options.dtype(at::kDouble);
+  const at::Tensor start = at::randn({b, m}, f64), deltas = at::randn({b, n, m}, f64);
+  const at::Tensor perms = random_perms(k, n, options),
+                   classes = at::tensor({3, 8}, at::kLong).to(options.device());
+  for (const bool softmax : {true, false}) {
+    at::Tensor phi = at::zeros({b, n}, f64), phi_sq = at::zeros({b, n}, f64);
+    linear_walk_(start, deltas, perms, classes, softmax, phi, phi_sq);
+    at::Tensor expected = at::zeros({b, n}, at::kDouble);
+    const at::Tensor s = start.cpu(), d = deltas.cpu(), order = perms.cpu();
+    for (int64_t i = 0; i < b; ++i) {
+      const int64_t c = i == 0 ? 3 : 8;
+      const auto worth = [&](const std::vector<int64_t>& coalition) {
+        at::Tensor z = s[i].clone();
+        for (const int64_t p : coalition) z += d[i][p];
+        return (softmax ? z.softmax(0) : z)[c].item<double>();
+      };
+      for (int64_t j = 0; j < k; ++j) {
+        std::vector<int64_t> coalition;
+        for (int64_t t = 0; t < n; ++t) {
+          const double before = worth(coalition);
+          coalition.push_back(order[j][t].item<int64_t>());
+          expected[i][coalition.back()] += worth(coalition) - before;
+        }
+      }
+    }
+    EXPECT(at::allclose(phi.cpu(), expected, 1e-10, 1e-12));
+  }
+}
+
+void bad_arguments_raise(const at::TensorOptions& options) {
+  const at::Tensor acts = at::randn({3, 2, 2}, options), base = at::zeros({}, options);
+  const auto raises = [](const std::function<void()>& call, const std::string& name) {
+    try {
+      call();
+    } catch (const c10::Error& e) {
+      return std::string(e.what_without_backtrace()).find(name) != std::string::npos;
+    }
+    return false;
+  };
+  const at::Tensor repeated = at::tensor({0, 1, 1, 3}, at::kLong).view({1, 4}).to(options.device());
+  EXPECT(raises([&] { masked_prefixes(acts, base, repeated, 0, 1, 0, 5); }, "perms"));
+  const at::Tensor perms = random_perms(2, 4, options);
+  EXPECT(raises([&] { masked_prefixes(acts, base, perms.to(at::kInt), 0, 1, 0, 5); }, "perms"));
+  EXPECT(raises([&] { masked_prefixes(acts, base, perms, 0, 3, 0, 5); }, "perm_range"));
+  EXPECT(raises([&] { masked_prefixes(acts, base, perms, 0, 2, 0, 6); }, "prefix_range"));
+  EXPECT(raises([&] { masked_prefixes(acts.flatten(1), base, perms, 0, 2, 0, 5); }, "activations"));
+  at::Tensor phi = at::zeros({4}, options), phi_sq = at::zeros({4}, options.dtype(at::kDouble));
+  EXPECT(raises([&] { scatter_marginals_(at::randn({2, 5}, options), perms, phi, phi_sq); },
+                "phi_sq"));
+}
+
+void deterministic(const at::TensorOptions& options) {
+  const at::Tensor values = at::randn({2, 300, 50}, options),
+                   perms = random_perms(300, 49, options);
+  std::vector<at::Tensor> runs;
+  for (int r = 0; r < 2; ++r) {
+    at::Tensor phi = at::zeros({2, 49}, options), phi_sq = at::zeros({2, 49}, options);
+    scatter_marginals_(values, perms, phi, phi_sq);
+    runs.push_back(at::cat({phi, phi_sq}));
+  }
+  EXPECT(at::equal(runs[0], runs[1]));
+}
+
+}  // namespace
+
+int main() {
+  at::manual_seed(0);
+  std::vector<at::Device> devices{at::kCPU};
+  if (at::hasCUDA() && c10::Dispatcher::singleton()
+                           .findSchemaOrThrow("shapcam::masked_prefixes", "")
+                           .hasKernelForDispatchKey(c10::DispatchKey::CUDA)) {
+    devices.emplace_back(at::kCUDA);
+  }
+  for (const at::Device& device : devices) {
+    const auto options = at::TensorOptions().device(device).dtype(at::kFloat);
+    std::cout << "device " << device << std::endl;
+    masked_rows_follow_ranks(options);
+    scatter_is_efficient_and_exact(options);
+    linear_walk_matches_brute_force(options);
+    bad_arguments_raise(options);
+    deterministic(options);
+  }
+  std::cout << (failures == 0 ? "all passed" : std::to_string(failures) + " failed") << std::endl;
+  return failures == 0 ? 0 : 1;
+}
