@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Callable, Optional, Sequence
 import torch
 
 import shapcam_ext
+from shapcam_ext import distributed
 from shapcam_ext._backend import backend_info
 
 if TYPE_CHECKING:
@@ -326,17 +327,23 @@ def run_explain(args: argparse.Namespace) -> int:
             print(json.dumps([{"image": str(image), "png": None, "error": str(err)} for image in images], indent=2))
         return 1
 
-    records, taken = [], set()
-    bar = tqdm(images, desc="images", unit="image", disable=None)
-    for number, image in enumerate(bar, 1):
-        try:
-            record = _explain_image(session, image, _output_path(image, args.out, taken))
-        except EXPECTED_ERRORS as err:
-            record = _failure(image, err)
-            _error(record["error"])
-        records.append(record)
-        if not args.json:
-            bar.write(_as_text(record, f"{number}/{len(images)}"), file=sys.stdout)
-    if args.json:
+    taken: set = set()
+    pngs = [_output_path(image, args.out, taken) for image in images]
+    # Under torchrun each process explains every WORLD_SIZE-th image; rank 0 reports them all.
+    with distributed.process_group():
+        mine = distributed.my_share(len(images))
+        local = []
+        bar = tqdm(mine, desc="images", unit="image", disable=None)
+        for index in bar:
+            try:
+                record = _explain_image(session, images[index], pngs[index])
+            except EXPECTED_ERRORS as err:
+                record = _failure(images[index], err)
+                _error(record["error"])
+            local.append(record)
+            if not args.json:
+                bar.write(_as_text(record, f"{index + 1}/{len(images)}"), file=sys.stdout)
+        records = distributed.gather_in_order(local, len(images))
+    if args.json and distributed.world()[0] == 0:
         print(json.dumps(records, indent=2))
     return 1 if any(record["error"] for record in records) else 0
