@@ -1,0 +1,156 @@
+"""Localisation (paper §4.2): the energy-based pointing game on hand-annotated boxes.
+
+Each object of experiments/boxes.json (boxes drawn by hand on the bundled photos) is explained
+for its annotated ImageNet class, as the paper explains the ground-truth class of ILSVRC boxes.
+Boxes are mapped into the 224 x 224 model input with the same resize/crop as the photo, and each
+method scores the share of its map's energy inside them (shapcam_ext.metrics.energy_pointing_game).
+
+    python experiments/pointing_game.py            # all objects, K = 256 Shap-CAM permutations
+    python experiments/pointing_game.py --quick    # the chelsea, coffee and rocket objects, K = 32
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from common import (
+    METHODS, MODEL, RESULTS, MapCache, box_to_input, class_probs, environment, load_lite0, load_photos,
+    markdown_table, overlay, random_map, save_json,
+)
+from shapcam_ext.metrics import box_mask, energy_pointing_game
+
+BOXES = Path(__file__).resolve().parent / "boxes.json"
+QUICK_IMAGES = ["chelsea", "coffee", "rocket"]
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--boxes", default=str(BOXES), help="hand-annotated boxes (original-image pixels)")
+    p.add_argument("--images", nargs="*", help="only objects of these photos (default: all)")
+    p.add_argument("--n-permutations", type=int, default=256, help="Shap-CAM permutations K per image")
+    p.add_argument("--seed", type=int, default=0, help="Shap-CAM permutation seed")
+    p.add_argument("--random-maps", type=int, default=20, help="random 7x7 reference maps per object")
+    p.add_argument("--max-area", type=float, default=0.5,
+                   help="the paper's subset: objects covering at most this share of the input")
+    p.add_argument("--scorecam-batch", type=int, default=64, help="masked inputs per ScoreCAM forward pass")
+    p.add_argument("--cache-dir", default="/tmp/shapcam_experiments_cache", help="map cache ('' disables it)")
+    p.add_argument("--quick", action="store_true", help=f"objects of {QUICK_IMAGES}, K = 32, 5 random maps")
+    p.add_argument("--out", default=str(RESULTS / "pointing_game.json"))
+    p.add_argument("--figure", default=str(RESULTS / "pointing_game_maps.png"))
+    args = p.parse_args()
+    if args.quick:
+        args.images = args.images or QUICK_IMAGES
+        args.n_permutations, args.random_maps = 32, 5
+    return args
+
+
+def draw_boxes(ax, boxes, color="lime"):
+    from matplotlib.patches import Rectangle
+
+    for x0, y0, x1, y1 in boxes:
+        ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=color, linewidth=1.5))
+
+
+def save_figure(path, objects, photos, maps, scores):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = 1 + len(METHODS)
+    fig, axes = plt.subplots(len(objects), cols, figsize=(2.2 * cols, 2.3 * len(objects)), squeeze=False)
+    for i, obj in enumerate(objects):
+        photo = photos[obj["image"]]
+        axes[i, 0].imshow(photo.rgb)
+        axes[i, 0].set_title(f"{obj['image']}\n{obj['label']} (box {obj['area']:.0%})", fontsize=7)
+        draw_boxes(axes[i, 0], obj["input_boxes"])
+        for j, method in enumerate(METHODS):
+            axes[i, j + 1].imshow(overlay(photo.rgb, maps[method][i]))
+            draw_boxes(axes[i, j + 1], obj["input_boxes"], color="white")
+            axes[i, j + 1].set_title(f"{method}\nenergy in box {scores[method][i]:.2f}", fontsize=7)
+    for ax in axes.ravel():
+        ax.axis("off")
+    fig.suptitle(f"{MODEL}, layer bn2: energy-based pointing game on hand-drawn boxes", fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.4 / fig.get_figheight()))  # room for the suptitle
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def main():
+    args = parse_args()
+    started = time.perf_counter()
+    model, cfg, layer = load_lite0()
+    annotation = json.loads(Path(args.boxes).read_text())
+    objects = [o for o in annotation["objects"] if not args.images or o["image"] in args.images]
+    photos = {p.name: p for p in load_photos(cfg, sorted({o["image"] for o in objects}))}
+    size = cfg.input_size
+    for obj in objects:
+        obj["input_boxes"] = [box_to_input(b, photos[obj["image"]].size, cfg) for b in obj["boxes"]]
+        obj["area"] = float(box_mask(size, obj["input_boxes"]).mean())
+        x = photos[obj["image"]].x
+        obj["probability"] = float(class_probs(model, x, [obj["class_index"]])[0])
+        with torch.no_grad():
+            obj["top1"] = int(model(x).argmax())
+
+    cache = MapCache(Path(args.cache_dir) if args.cache_dir else None)
+    settings = dict(n_permutations=args.n_permutations, seed=args.seed, scorecam_batch=args.scorecam_batch)
+    maps = {m: [None] * len(objects) for m in METHODS}
+    infos = {m: [None] * len(objects) for m in METHODS}
+    jobs = [(m, i) for i in range(len(objects)) for m in METHODS]
+    for method, i in tqdm(jobs, desc="maps", unit="map"):
+        obj = objects[i]
+        maps[method][i], infos[method][i] = cache.get(method, model, layer, photos[obj["image"]], obj["class_index"],
+                                                      **settings)
+
+    scores = {m: [energy_pointing_game(maps[m][i], o["input_boxes"]) for i, o in enumerate(objects)] for m in METHODS}
+    rng = np.random.default_rng(args.seed)
+    random_scores = np.array([[energy_pointing_game(random_map(size, 7, rng), o["input_boxes"]) for o in objects]
+                              for _ in range(args.random_maps)])  # (maps, objects)
+    small = np.array([o["area"] <= args.max_area for o in objects])
+
+    def mean(values, subset):
+        values = np.asarray(values)[..., subset]
+        return float(values.mean()) * 100 if values.size else float("nan")
+
+    rows = [[m, mean(scores[m], np.ones_like(small)), mean(scores[m], small),
+             float(np.mean([inf["seconds"] for inf in infos[m]]))] for m in METHODS]
+    rows.append(["Random 7x7", mean(random_scores, np.ones_like(small)), mean(random_scores, small), 0.0])
+    rows.append(["Box area (uniform map)", mean([o["area"] for o in objects], np.ones_like(small)),
+                 mean([o["area"] for o in objects], small), 0.0])
+    header = ["method", f"proportion % (all {len(objects)})", f"proportion % (box <= {args.max_area:.0%}: {small.sum()})",
+              "s/map"]
+    table = markdown_table(header, rows)
+    per_object = markdown_table(
+        ["image", "class", "p(class)", "top-1?", "box area %"] + list(METHODS),
+        [[o["image"], o["label"], o["probability"], "yes" if o["top1"] == o["class_index"] else "no", o["area"] * 100]
+         + [scores[m][i] * 100 for m in METHODS] for i, o in enumerate(objects)],
+    )
+    print(f"\n{MODEL}, layer {layer}, {len(objects)} hand-annotated objects; Shap-CAM K = {args.n_permutations}")
+    print(table)
+    print()
+    print(per_object)
+
+    save_json(Path(args.out), {
+        "experiment": "energy-based pointing game (paper §4.2)", "model": MODEL, "layer": layer,
+        "settings": vars(args), "boxes_note": annotation["note"], "environment": environment(),
+        "table_markdown": table, "per_object_markdown": per_object,
+        "summary": {r[0]: {"all": r[1], "small": r[2]} for r in rows},
+        "objects": [
+            {**{k: o[k] for k in ("image", "label", "class_index", "boxes", "input_boxes", "area", "probability", "top1")},
+             "energy": {m: scores[m][i] for m in METHODS}, "random_energy_mean": float(random_scores[:, i].mean()),
+             "methods": {m: infos[m][i] for m in METHODS}}
+            for i, o in enumerate(objects)
+        ],
+        "wall_seconds": time.perf_counter() - started,
+    })
+    save_figure(args.figure, objects, photos, maps, scores)
+    print(f"wrote {args.out} and {args.figure} in {time.perf_counter() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
