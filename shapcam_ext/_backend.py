@@ -1,6 +1,7 @@
 """Which implementation of the ops is active: the compiled library or the pure-PyTorch reference."""
 from __future__ import annotations
 
+import importlib.util
 import os
 import warnings
 
@@ -12,17 +13,21 @@ BACKEND_ENV = "SHAPCAM_BACKEND"  # "reference" forces the pure-PyTorch path
 def _load_compiled() -> bool:
     if os.environ.get(BACKEND_ENV, "").lower() == "reference":
         return False
-    try:
-        from shapcam_ext import _C  # noqa: F401  (registers the shapcam:: ops)
-    except ImportError as err:
-        warnings.warn(
-            f"shapcam_ext: the compiled library could not be loaded ({err}); using the slower "
-            "pure-PyTorch reference ops. Rebuild with `pip install --no-build-isolation -e .`.",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-        return False
-    return True
+    if importlib.util.find_spec("shapcam_ext._C") is None:
+        reason = "it is not built"
+    else:
+        try:
+            from shapcam_ext import _C  # noqa: F401  (registers the shapcam:: ops)
+            return True
+        except ImportError as err:  # built against another torch, missing libraries, ...
+            reason = f"it failed to load: {err}"
+    warnings.warn(
+        f"shapcam_ext: the compiled library shapcam_ext._C is unavailable ({reason}); using the slower "
+        "pure-PyTorch reference ops. Build it with `pip install --no-build-isolation -e .`.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    return False
 
 
 COMPILED = _load_compiled()
