@@ -45,7 +45,7 @@ class ShapCAM:
         target_layers: modules (or qualified names) whose output positions are the players.
         reshape_transform: maps a non-4-D activation (e.g. ViT tokens) to (B, C, h, w).
         n_permutations, antithetic, seed, tolerance, exact, baseline, group_size,
-        memory_budget, batch_size: see :class:`shapcam_ext.engine.SamplingConfig`.
+        memory_budget, batch_size, fast_path: see :class:`shapcam_ext.engine.SamplingConfig`.
         head: the model from the target layer on, when it can't be extracted automatically.
         progress: show a progress bar over permutations.
 
@@ -68,6 +68,7 @@ class ShapCAM:
         group_size: int = 1,
         memory_budget: int = SamplingConfig.memory_budget,
         batch_size: Optional[int] = None,
+        fast_path: bool = True,
         head: Optional[Callable] = None,
         progress: bool = False,
     ):
@@ -77,6 +78,7 @@ class ShapCAM:
         self.config = SamplingConfig(
             n_permutations=n_permutations, antithetic=antithetic, seed=seed, tolerance=tolerance, exact=exact,
             baseline=baseline, group_size=group_size, memory_budget=memory_budget, batch_size=batch_size,
+            fast_path=fast_path,
         )
         self.config.validate()
         self.engines = [

@@ -17,7 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from tqdm.auto import tqdm
 
-from shapcam_ext import ops
+from shapcam_ext import fastpath, ops
 from shapcam_ext._backend import backend_info
 from shapcam_ext.head import SplitModel
 from shapcam_ext.players import PlayerGrid
@@ -40,6 +40,8 @@ class SamplingConfig:
     group_size: g fuses g x g positions into one player, for large maps.
     memory_budget: bytes one chunk of head evaluations may use.
     batch_size: head evaluations per chunk; overrides the budget-derived chunk size.
+    fast_path: use an exact shortcut when the head's graph proves one applies (pooled or
+        local-pool heads, see :mod:`shapcam_ext.fastpath`); False forces the generic path.
     """
 
     n_permutations: int = 256
@@ -52,6 +54,7 @@ class SamplingConfig:
     memory_budget: int = 1024 * MiB
     batch_size: Optional[int] = None
     round_size: int = 64
+    fast_path: bool = True
 
     def validate(self) -> None:
         if self.n_permutations < 1:
@@ -73,6 +76,8 @@ class ShapleyResult:
     std_error: (H, W) standard error of each value (i.i.d. formula; conservative for
         antithetic pairs, whose members are negatively correlated).
     value_full / value_empty: the target's score with every / no position kept.
+    path: how the coalitions were evaluated: "generic" (the head on masked maps), or an exact
+        fast path: "pooled-linear", "pooled" or "local-pool-linear".
     """
 
     shapley: torch.Tensor
@@ -86,6 +91,7 @@ class ShapleyResult:
     layer: str
     target: Target
     feature_map: torch.Tensor = field(repr=False, default=None)  # shapley spread over (h, w)
+    path: str = "generic"
 
     @property
     def max_std_error(self) -> float:
@@ -134,6 +140,8 @@ class ShapleyEngine:
         self.config = config
         self.reshape_transform = reshape_transform
         self.progress = progress
+        # The head's fast pattern, or None with the reason it is not proven.
+        self.fast_pattern, self.fast_reason = fastpath.prove(split) if config.fast_path else (None, "fast_path=False")
 
     @torch.no_grad()
     def explain(self, input_tensor: torch.Tensor, targets: Optional[Sequence[Target]] = None) -> tuple:
@@ -184,14 +192,18 @@ class ShapleyEngine:
                   everyone)[:, 0]
             for t in (0, n)
         ], 1).double().cpu()
-        rows = self._rows_per_chunk(grid, players, held, images)
+        walk = self._fast_walk(grid, players, held, targets, baseline)
+        rows = None if walk is not None else self._rows_per_chunk(grid, players, held, images)
 
         phi = torch.zeros(b, n, dtype=torch.float64, device=players.device)
         phi_sq = torch.zeros_like(phi)
         done = 0
         for perms in self._permutation_rounds(n):
             perms = perms.to(players.device)
-            self._accumulate(players, baseline, perms, worth, rows, phi, phi_sq)
+            if walk is not None:
+                walk(perms, phi, phi_sq)
+            else:
+                self._accumulate(players, baseline, perms, worth, rows, phi, phi_sq)
             done += perms.shape[0]
             if cfg.tolerance is not None and _relative_error(phi, phi_sq, done).max() < cfg.tolerance:
                 break
@@ -215,8 +227,17 @@ class ShapleyEngine:
                 layer=self.split.layer_name,
                 target=targets[i],
                 feature_map=grid.to_map(shapley),
+                path="generic" if walk is None else walk.path,
             ))
         return out
+
+    def _fast_walk(self, grid, players, held, targets, baseline) -> Optional[fastpath.RunningWalk]:
+        """The exact fast path for these images, or None for the generic path."""
+        cfg = self.config
+        if not cfg.fast_path or self.fast_pattern is None:
+            return None
+        return fastpath.prepare(self.fast_pattern, self.split.head, grid, players, held, targets, baseline,
+                                cfg.memory_budget, cfg.batch_size, _allocated_bytes)
 
     def _permutation_rounds(self, n: int):
         """Yields blocks of permutations; one block unless a tolerance asks for rounds."""
@@ -277,6 +298,14 @@ class ShapleyEngine:
                 f"({per_row / MiB:.1f} MiB); raise memory_budget"
             )
         return cfg.memory_budget // per_row
+
+
+def _allocated_bytes(fn: Callable[[], object]) -> int:
+    """Bytes allocated by the ops of one call of ``fn``."""
+    counter = _AllocationCounter()
+    with counter:
+        fn()
+    return counter.bytes
 
 
 def _identity_perm(n: int, device) -> torch.Tensor:

@@ -1,0 +1,482 @@
+"""Proving, from the head's fx graph, that an exact shortcut applies.
+
+A head qualifies when it reads the activation only through, in this order:
+
+* the body: position-wise ops, whose output at a position depends only on the input at that
+  position (elementwise ops, also with held or constant tensors; 1x1 convolutions; eval-mode
+  batch norm; layer norm and Linear over the channels of an NHWC permute);
+* one pool: a global average pool, or a non-overlapping local max/avg pool of at most 4 cells;
+* the front: a chain of flatten, eval-mode dropout, identity, at most one Linear and, after a
+  local pool, one adaptive average pool (a fixed linear map);
+* the tail: anything that reads only the front's output and parameters.
+
+Whatever is not recognised is "not proven", and the engine keeps its generic masked-batch path.
+Module types are matched exactly, not by subclass: a subclass may override ``forward``.
+"""
+from __future__ import annotations
+
+import inspect
+import operator
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from shapcam_ext.head import SplitModel
+
+NCHW, NHWC = "nchw", "nhwc"
+MAX_WINDOW = 4  # cells of a local-pool window: the walk tabulates all 2**cells window states
+
+_TO_NHWC, _TO_NCHW = (0, 2, 3, 1), (0, 3, 1, 2)
+
+
+class NotProven(Exception):
+    """Why a head does not match a fast pattern."""
+
+
+@dataclass(frozen=True)
+class HeadPattern:
+    """A head proven to have an exact shortcut.
+
+    pool: "global" (average over all positions) or "local" (non-overlapping windows).
+    body: ``body(activation, *held) -> g``, the pool's input: a position-wise function of the
+        activation (of the held values too).
+    front: ``front(g) -> front_out``: the pool and the front chain.
+    tail: the rest of the head, ``tail(front_out) -> output``; None when ``front_out`` is the output.
+    linear: the Linear layer ending the front, whose pre-activations are walked; None if absent.
+    local_pool: the MaxPool2d / AvgPool2d module (pool == "local").
+    window: (kh, kw) of the local pool's windows.
+    adaptive: the adaptive average pool between the local pool and flatten, or None.
+    """
+
+    pool: str
+    body: fx.GraphModule
+    front: fx.GraphModule
+    tail: Optional[fx.GraphModule]
+    linear: Optional[nn.Linear]
+    local_pool: Optional[nn.Module] = None
+    window: tuple[int, int] = (1, 1)
+    adaptive: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+
+
+def prove(split: SplitModel) -> tuple[Optional[HeadPattern], str]:
+    """The head's fast pattern, or (None, why it is not proven)."""
+    if split.graph_module is None:
+        return None, "the head is not an fx graph (hook fallback or a user-supplied head)"
+    try:
+        return _prove(split.graph_module), ""
+    except NotProven as reason:
+        return None, str(reason)
+    except Exception as err:  # an unforeseen graph: the generic path must still run
+        warnings.warn(f"shapcam_ext: the fast-path analysis of the head failed ({type(err).__name__}: {err}); "
+                      "using the generic path. Please report the model and layer.", RuntimeWarning, stacklevel=3)
+        return None, f"analysis failed: {type(err).__name__}: {err}"
+
+
+# ---------------------------------------------------------------------------- op tables
+
+
+def _optional(module: str, names: tuple[str, ...]) -> tuple:
+    """Attributes of an optional library (timm, torchvision), skipping what this version lacks."""
+    try:
+        mod = __import__(module, fromlist=list(names))
+    except ImportError:
+        return ()
+    return tuple(getattr(mod, n) for n in names if hasattr(mod, n))
+
+
+def _functions(*names: str) -> frozenset:
+    """torch's functions of these names, in every namespace fx may record them under."""
+    return frozenset(fn for name in names for where in (F, torch, torch._C._nn)
+                     if callable(fn := getattr(where, name, None)))
+
+
+_ELEMENTWISE_MODULES = frozenset((
+    nn.Identity, nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.Sigmoid, nn.Hardsigmoid, nn.Tanh,
+    nn.LeakyReLU, nn.ELU, nn.CELU, nn.SELU, nn.Mish, nn.Softplus, nn.Hardtanh,
+    *_optional("timm.layers.activations", (
+        "Swish", "Mish", "Sigmoid", "Tanh", "HardSwish", "HardSigmoid", "HardMish", "GELU", "GELUTanh", "QuickGELU")),
+    *_optional("timm.layers.activations_me", ("SwishMe", "MishMe", "HardSigmoidMe", "HardSwishMe", "HardMishMe")),
+))
+_DROPOUT_MODULES = frozenset((nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+                              nn.FeatureAlphaDropout))
+_PRELU_MODULES = frozenset((nn.PReLU, *_optional("timm.layers.activations", ("PReLU",))))
+_BATCHNORM_MODULES = frozenset((nn.BatchNorm2d, *_optional("torchvision.ops.misc", ("FrozenBatchNorm2d",))))
+_BATCHNORM_ACT_MODULES = frozenset(_optional("timm.layers.norm_act", ("BatchNormAct2d", "FrozenBatchNormAct2d")))
+_LAYERNORM_NCHW_MODULES = frozenset((*_optional("torchvision.models.convnext", ("LayerNorm2d",)),
+                                     *_optional("timm.layers.norm", ("LayerNorm2d",))))
+_LAYERNORM_NHWC_MODULES = frozenset((nn.LayerNorm, *_optional("timm.layers.norm", ("LayerNorm",))))
+_PERMUTE_MODULES = frozenset(_optional("torchvision.ops.misc", ("Permute",)))
+_FLATTEN_MODULES = frozenset((nn.Flatten,))
+
+_ELEMENTWISE_FUNCTIONS = _functions(
+    "add", "sub", "mul", "div", "neg", "abs", "exp", "square", "sqrt", "clamp", "clip", "maximum", "minimum",
+    "relu", "relu_", "relu6", "silu", "gelu", "hardswish", "hardsigmoid", "sigmoid", "tanh", "leaky_relu", "elu",
+    "selu", "celu", "mish", "softplus", "hardtanh",
+) | {operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, operator.pos,
+     operator.iadd, operator.isub, operator.imul, operator.itruediv}
+_ELEMENTWISE_METHODS = frozenset((
+    "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "neg", "abs", "exp", "square", "sqrt",
+    "clamp", "clamp_", "clip", "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "clone", "contiguous",
+))
+# The identity when called with training=False (how fx records them from an eval-mode model).
+_TRAINING_FLAG_FUNCTIONS = frozenset({
+    F.dropout, F.dropout1d, F.dropout2d, F.alpha_dropout, F.feature_alpha_dropout,
+    *_optional("torchvision.ops.stochastic_depth", ("stochastic_depth",)),
+    *_optional("timm.layers.drop", ("drop_path",)),
+})
+_LAYER_NORM_FUNCTIONS = _functions("layer_norm")
+_BATCH_NORM_FUNCTIONS = _functions("batch_norm")
+_LINEAR_FUNCTIONS = _functions("linear")
+_PERMUTE_FUNCTIONS = _functions("permute")
+_FLATTEN_FUNCTIONS = _functions("flatten")
+_MEAN_FUNCTIONS = _functions("mean")
+_ADAPTIVE_AVG_FUNCTIONS = _functions("adaptive_avg_pool2d")
+
+
+# ------------------------------------------------------------------------------- the proof
+
+
+def _prove(gm: fx.GraphModule) -> HeadPattern:
+    graph = gm.graph
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    act = placeholders[0]
+    reads_act = _descendants(act)  # every node the activation reaches, metadata reads included
+    layouts = {act: NCHW}  # the body: values that are position-wise functions of the activation
+    pool = None
+    for node in graph.nodes:
+        if node not in reads_act or node is act:
+            continue
+        if node.op == "output":
+            raise NotProven("the activation reaches the output without a global or local pool")
+        if _pool_kind(node, gm) is not None:
+            pool = node
+            break
+        layouts[node] = _body_layout(node, gm, layouts)
+    if pool is None:
+        raise NotProven("the head's output does not depend on the activation")
+    pool_input = _single_input(pool, layouts)
+    if layouts[pool_input] != NCHW:
+        raise NotProven(f"{pool.name} pools a channels-last value")
+    for value in layouts:
+        for user in value.users:
+            if user not in layouts and user is not pool:
+                raise NotProven(f"{user.name} reads {value.name}, a value before the pool, after it")
+
+    kind = _pool_kind(pool, gm)
+    end, linear, adaptive = _front_chain(pool, kind, gm)
+    if kind == "local" and linear is None:
+        raise NotProven(f"{pool.name} (a local pool) is not followed by flatten and a Linear layer")
+
+    chain = _chain(pool, end)
+    static = _static_nodes(graph)
+    _check_inputs(chain, pool_input, static)
+    tail_nodes = reads_act - set(layouts) - chain
+    _check_inputs(tail_nodes, end, static)
+    output = next(n for n in reversed(graph.nodes) if n.op == "output")
+    tail = None if output.args[0] is end else _sub_module(gm, end, tail_nodes - {output}, static, output.args[0])
+    local = gm.get_submodule(pool.target) if kind == "local" else None
+    return HeadPattern(
+        pool=kind, body=_body_module(gm, placeholders, pool_input),
+        front=_sub_module(gm, pool_input, chain, static, end), tail=tail, linear=linear,
+        local_pool=local, window=_pair(local.kernel_size) if local is not None else (1, 1), adaptive=adaptive,
+    )
+
+
+def _check_inputs(nodes: set, source: fx.Node, static: set) -> None:
+    """Every input of ``nodes`` must be one of them, ``source`` or a parameter."""
+    for node in nodes:
+        for value in node.all_input_nodes:
+            if value not in nodes and value is not source and value not in static:
+                raise NotProven(f"{node.name} reads {value.name}, which is neither {source.name} (or computed from "
+                                "it) nor a parameter")
+
+
+def _reachable(roots: list[fx.Node], step: Callable[[fx.Node], object]) -> set[fx.Node]:
+    seen, stack = set(roots), list(roots)
+    while stack:
+        for node in step(stack.pop()):
+            if node not in seen:
+                seen.add(node)
+                stack.append(node)
+    return seen
+
+
+def _descendants(root: fx.Node) -> set[fx.Node]:
+    return _reachable([root], lambda node: node.users)
+
+
+def _ancestors(roots: list[fx.Node]) -> set[fx.Node]:
+    return _reachable(roots, lambda node: node.all_input_nodes)
+
+
+def _static_nodes(graph: fx.Graph) -> set[fx.Node]:
+    """Nodes that read no input of the head: parameters, buffers and what is computed from them."""
+    static = set()
+    for node in graph.nodes:
+        if node.op not in ("placeholder", "output") and all(i in static for i in node.all_input_nodes):
+            static.add(node)
+    return static
+
+
+def _chain(start: fx.Node, end: fx.Node) -> set[fx.Node]:
+    nodes, node = {start}, start
+    while node is not end:
+        node = next(iter(node.users))
+        nodes.add(node)
+    return nodes
+
+
+def _single_input(node: fx.Node, values) -> fx.Node:
+    """The one input of ``node`` among ``values``; other inputs must be constants, parameters or held."""
+    inputs = [i for i in node.all_input_nodes if i in values]
+    if len(inputs) != 1 or node.args[:1] != (inputs[0],):
+        raise NotProven(f"{node.name} does not read exactly one activation-dependent value as its first input")
+    return inputs[0]
+
+
+def _pair(value) -> tuple[int, int]:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+
+
+def _bound_arguments(node: fx.Node) -> Optional[dict]:
+    try:
+        bound = inspect.signature(node.target).bind(*node.args, **node.kwargs)
+    except (TypeError, ValueError):
+        return None
+    bound.apply_defaults()
+    return bound.arguments
+
+
+def _is_identity(node: fx.Node, gm: fx.GraphModule) -> bool:
+    """Identity, eval-mode dropout or stochastic depth, and copies."""
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        return type(module) is nn.Identity or (type(module) in _DROPOUT_MODULES and not module.training)
+    if node.op == "call_function" and node.target in _TRAINING_FLAG_FUNCTIONS:
+        arguments = _bound_arguments(node)
+        return arguments is not None and arguments.get("training") is False
+    return node.op == "call_method" and node.target in ("clone", "contiguous")
+
+
+# ------------------------------------------------------------------------------------ body
+
+
+def _body_layout(node: fx.Node, gm: fx.GraphModule, layouts: dict) -> str:
+    """The layout of ``node``'s value when it is position-wise in the activation; else NotProven.
+
+    Every activation-dependent input of ``node`` is already in ``layouts`` (graph order).
+    """
+    rule = _rule(node, gm)
+    if rule is None:
+        raise NotProven(f"{_describe(node, gm)} at {node.name} is not a recognised position-wise op")
+    if rule == "elementwise":
+        kinds = {layouts[i] for i in node.all_input_nodes if i in layouts}
+        if len(kinds) != 1:
+            raise NotProven(f"{node.name} combines channels-first and channels-last values")
+        return kinds.pop()
+    layout = layouts[_single_input(node, layouts)]
+    if isinstance(rule, tuple):  # a permute: (from, to)
+        if layout != rule[0]:
+            raise NotProven(f"{node.name} permutes a {layout} value with {rule[0]} dims")
+        return rule[1]
+    if layout != rule:
+        raise NotProven(f"{_describe(node, gm)} at {node.name} mixes a non-channel dimension of a {layout} value")
+    return layout
+
+
+def _rule(node: fx.Node, gm: fx.GraphModule):
+    """How ``node`` treats positions: "elementwise"; NCHW / NHWC (mixes only that layout's channel
+    dimension); (from, to) for a permute between the two layouts; None if not position-wise."""
+    if _is_identity(node, gm):
+        return "elementwise"
+    if node.op == "call_module":
+        return _module_rule(gm.get_submodule(node.target))
+    if node.op == "call_method":
+        if node.target in _ELEMENTWISE_METHODS:
+            return "elementwise"
+        if node.target == "permute":
+            dims = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) else node.args[1:]
+            return _permute_rule(dims)
+        return None
+    if node.op != "call_function":
+        return None
+    if node.target in _ELEMENTWISE_FUNCTIONS:
+        return "elementwise"
+    if node.target in _PERMUTE_FUNCTIONS:
+        return _permute_rule(node.args[1] if len(node.args) > 1 else node.kwargs.get("dims"))
+    if node.target in _LINEAR_FUNCTIONS:
+        return NHWC
+    arguments = _bound_arguments(node)
+    if arguments is None:
+        return None
+    if node.target in _LAYER_NORM_FUNCTIONS and len(_pair1(arguments["normalized_shape"])) == 1:
+        return NHWC
+    if node.target in _BATCH_NORM_FUNCTIONS and arguments["training"] is False:
+        return NCHW if arguments["running_mean"] is not None else None
+    return None
+
+
+def _module_rule(module: nn.Module):
+    kind = type(module)
+    if kind in _ELEMENTWISE_MODULES or kind in _PRELU_MODULES:
+        return "elementwise"
+    if kind in _DROPOUT_MODULES:
+        return None if module.training else "elementwise"
+    if kind in _BATCHNORM_MODULES or kind in _BATCHNORM_ACT_MODULES:
+        if module.training or getattr(module, "running_mean", None) is None:
+            return None  # batch statistics mix positions
+        if kind in _BATCHNORM_ACT_MODULES and not all(
+                _module_rule(getattr(module, part)) == "elementwise" for part in ("drop", "act")):
+            return None
+        return NCHW
+    if kind is nn.Conv2d:
+        pointwise = module.kernel_size == (1, 1) and module.stride == (1, 1)
+        return NCHW if pointwise and module.padding in ((0, 0), "valid", "same") else None
+    if kind is nn.Linear:
+        return NHWC
+    if kind in _LAYERNORM_NCHW_MODULES and len(module.normalized_shape) == 1:
+        return NCHW
+    if kind in _LAYERNORM_NHWC_MODULES and len(module.normalized_shape) == 1:
+        return NHWC
+    if kind in _PERMUTE_MODULES:
+        return _permute_rule(module.dims)
+    return None
+
+
+def _permute_rule(dims):
+    dims = tuple(d % 4 for d in dims) if isinstance(dims, (tuple, list)) and len(dims) == 4 else None
+    return {_TO_NHWC: (NCHW, NHWC), _TO_NCHW: (NHWC, NCHW)}.get(dims)
+
+
+def _pair1(shape) -> tuple:
+    return tuple(shape) if isinstance(shape, (tuple, list, torch.Size)) else (shape,)
+
+
+def _describe(node: fx.Node, gm: fx.GraphModule) -> str:
+    if node.op == "call_module":
+        return type(gm.get_submodule(node.target)).__name__
+    return getattr(node.target, "__name__", str(node.target))
+
+
+# ------------------------------------------------------------------------------------ pools
+
+
+def _pool_kind(node: fx.Node, gm: fx.GraphModule) -> Optional[str]:
+    """"global" for an average over all positions, "local" for a small non-overlapping pool."""
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        if type(module) is nn.AdaptiveAvgPool2d and _pair(module.output_size) == (1, 1):
+            return "global"
+        if type(module) in (nn.MaxPool2d, nn.AvgPool2d) and _non_overlapping(module):
+            return "local"
+        return None
+    if node.op == "call_function" and node.target in _ADAPTIVE_AVG_FUNCTIONS:
+        size = node.args[1] if len(node.args) > 1 else node.kwargs.get("output_size")
+        return "global" if _pair(size) == (1, 1) else None
+    if _is_mean(node) and set(node.kwargs) <= {"dim", "keepdim"}:
+        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        if isinstance(dims, (tuple, list)) and len(dims) == 2 and {d % 4 for d in dims} == {2, 3}:
+            return "global"
+    return None
+
+
+def _non_overlapping(pool: nn.Module) -> bool:
+    kernel, stride = _pair(pool.kernel_size), _pair(pool.stride or pool.kernel_size)
+    simple = kernel == stride and _pair(pool.padding) == (0, 0) and not pool.ceil_mode
+    if isinstance(pool, nn.MaxPool2d):
+        simple = simple and _pair(pool.dilation) == (1, 1) and not pool.return_indices
+    else:
+        simple = simple and pool.divisor_override is None
+    return simple and kernel[0] * kernel[1] <= MAX_WINDOW
+
+
+def _pool_output_ndim(node: fx.Node) -> int:
+    keepdim = node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False)
+    return 2 if _is_mean(node) and not keepdim else 4
+
+
+def _is_mean(node: fx.Node) -> bool:
+    return (node.op == "call_method" and node.target == "mean") or (
+        node.op == "call_function" and node.target in _MEAN_FUNCTIONS)
+
+
+# ------------------------------------------------------------------------------------ front
+
+
+def _front_chain(pool: fx.Node, kind: str, gm: fx.GraphModule):
+    """Walks the chain after the pool: (its last node, its Linear or None, the adaptive pool or None)."""
+    end, ndim, linear, adaptive = pool, _pool_output_ndim(pool), None, None
+    while len(end.users) == 1:
+        node = next(iter(end.users))
+        if node.op == "output" or node.args[:1] != (end,) or any(i is not end for i in node.all_input_nodes):
+            break
+        if _is_identity(node, gm):
+            pass
+        elif linear is not None:
+            break  # only identities after the Linear
+        elif _is_flatten(node, gm):
+            ndim = 2
+        elif kind == "local" and adaptive is None and ndim == 4 and (pool_fn := _adaptive_pool(node, gm)):
+            adaptive = pool_fn
+        elif ndim == 2 and node.op == "call_module" and type(gm.get_submodule(node.target)) is nn.Linear:
+            linear = gm.get_submodule(node.target)
+        else:
+            break
+        end = node
+    return end, linear, adaptive
+
+
+def _is_flatten(node: fx.Node, gm: fx.GraphModule) -> bool:
+    """flatten from dim 1 to the last, of a (N, C, h, w) or (N, C) value."""
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        return type(module) in _FLATTEN_MODULES and module.start_dim == 1 and module.end_dim == -1
+    if node.op == "call_method" and node.target == "flatten" or (
+            node.op == "call_function" and node.target in _FLATTEN_FUNCTIONS):
+        args = list(node.args[1:]) + [None, None]
+        start = node.kwargs.get("start_dim", args[0] if args[0] is not None else 0)
+        end = node.kwargs.get("end_dim", args[1] if args[1] is not None else -1)
+        return start == 1 and end == -1
+    return False
+
+
+def _adaptive_pool(node: fx.Node, gm: fx.GraphModule) -> Optional[Callable]:
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        return module if type(module) is nn.AdaptiveAvgPool2d else None
+    if node.op == "call_function" and node.target in _ADAPTIVE_AVG_FUNCTIONS:
+        size = node.args[1] if len(node.args) > 1 else node.kwargs.get("output_size")
+        if not isinstance(size, fx.Node):
+            return lambda x: F.adaptive_avg_pool2d(x, size)
+    return None
+
+
+# ---------------------------------------------------------------------------- sub-graphs
+
+
+def _copy_nodes(gm: fx.GraphModule, graph: fx.Graph, keep: set, env: dict) -> None:
+    for node in gm.graph.nodes:
+        if node in keep and node not in env:
+            env[node] = graph.node_copy(node, lambda n: env[n])
+
+
+def _body_module(gm: fx.GraphModule, placeholders: list, pool_input: fx.Node) -> fx.GraphModule:
+    graph = fx.Graph()
+    env = {p: graph.placeholder(p.name) for p in placeholders}
+    _copy_nodes(gm, graph, _ancestors([pool_input]), env)
+    graph.output(env[pool_input])
+    return fx.GraphModule(gm, graph)
+
+
+def _sub_module(gm: fx.GraphModule, source: fx.Node, nodes: set, static: set, result) -> fx.GraphModule:
+    """The graph from ``source`` (its one input) through ``nodes`` and the parameters they use to ``result``."""
+    graph = fx.Graph()
+    env = {source: graph.placeholder(source.name)}
+    _copy_nodes(gm, graph, nodes | (_ancestors(list(nodes)) & static), env)
+    graph.output(fx.map_arg(result, env.__getitem__))
+    return fx.GraphModule(gm, graph)

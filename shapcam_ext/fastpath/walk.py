@@ -1,0 +1,272 @@
+"""Walking permutations through a proven head without running it on masked maps.
+
+Along a permutation every coalition's head input is the previous one plus a tabulated change:
+
+* global average pool: position p adds ``(g_keep - g_base)[:, p] / n`` to the pooled vector
+  (projected through the Linear that follows, when there is one), whatever the coalition;
+* local pool of small windows: p changes only its window's pooled cell, by an amount that
+  depends on which of its window-mates are already in. Every (cell, window state, entering
+  slot) change is tabulated once and projected through the first Linear layer.
+
+The vectors of every prefix are running sums of those changes; only the rest of the head
+(the tail) runs per coalition, on vectors instead of C x h x w maps. When nothing follows a
+pooled Linear and the target is a class score, ``ops.linear_walk_`` walks the logits itself.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from shapcam_ext import ops
+from shapcam_ext.fastpath.pattern import HeadPattern
+from shapcam_ext.players import PlayerGrid
+from shapcam_ext.reference import permutation_ranks
+from shapcam_ext.targets import ClassTarget, Target, score
+
+# Runs ``fn`` once and returns the bytes its ops allocated (the engine's allocation counter).
+Measure = Callable[[Callable[[], object]], int]
+
+
+class RunningWalk:
+    """Worth of every prefix of every permutation from running sums of tabulated changes.
+
+    start: (B, *S) front output of the empty coalition (the tail's input shape is (rows, *S)).
+    table: (B, R, D) changes of the flattened front output, D = prod(S).
+    step_rows: maps (K, n) permutations to the (K, n) table rows of their steps.
+    tail: the rest of the head on (rows, *S) inputs, or None when the front output is the output.
+    per_chunk: permutations per chunk, under the memory budget.
+    """
+
+    def __init__(self, path: str, start: torch.Tensor, table: torch.Tensor,
+                 step_rows: Callable[[torch.Tensor], torch.Tensor], tail: Optional[Callable],
+                 targets: list[Target], per_chunk: int):
+        self.path, self.start, self.table, self.step_rows = path, start, table, step_rows
+        self.tail, self.targets, self.per_chunk = tail, targets, per_chunk
+
+    def __call__(self, perms: torch.Tensor, phi: torch.Tensor, phi_sq: torch.Tensor) -> None:
+        for k0 in range(0, perms.shape[0], self.per_chunk):
+            chunk = perms[k0:k0 + self.per_chunk]
+            ops.scatter_marginals_(self.values(chunk), chunk, phi, phi_sq)
+
+    def values(self, perms: torch.Tensor) -> torch.Tensor:
+        """(B, K, n+1) worth of every prefix of ``perms``, like the generic path's ``values``."""
+        b, d = self.table.shape[0], self.table.shape[-1]
+        rows = self.step_rows(perms)
+        k, n = rows.shape
+        acc = torch.promote_types(self.table.dtype, torch.float32)
+        start = self.start.reshape(b, 1, 1, d).to(acc)
+        running = torch.cat([start.expand(b, k, 1, d), start + self.table[:, rows].to(acc).cumsum(2)], 2)
+        inputs = running.to(self.table.dtype).reshape((-1,) + tuple(self.start.shape[1:]))
+        out = inputs if self.tail is None else self.tail(inputs)
+        return score(self.targets, out.view((b, k * (n + 1)) + tuple(out.shape[1:]))).view(b, k, n + 1)
+
+
+class LinearWalk(RunningWalk):
+    """Pooled head ending in its Linear, class targets: ``ops.linear_walk_`` walks the logits."""
+
+    def __init__(self, start: torch.Tensor, table: torch.Tensor, targets: list[ClassTarget], per_chunk: int):
+        super().__init__("pooled-linear", start, table, _identity_rows, None, targets, per_chunk)
+        self.classes = torch.tensor([t.category for t in targets], device=start.device)
+        self.softmax = targets[0].softmax
+
+    def __call__(self, perms: torch.Tensor, phi: torch.Tensor, phi_sq: torch.Tensor) -> None:
+        for k0 in range(0, perms.shape[0], self.per_chunk):
+            ops.linear_walk_(self.start, self.table, perms[k0:k0 + self.per_chunk], self.classes, phi, phi_sq,
+                             softmax=self.softmax)
+
+
+def _identity_rows(perms: torch.Tensor) -> torch.Tensor:
+    return perms
+
+
+def prepare(pattern: HeadPattern, head: Callable, grid: PlayerGrid, players: torch.Tensor, held: tuple,
+            targets: list[Target], baseline: torch.Tensor, memory_budget: int, batch_size: Optional[int],
+            measure: Measure) -> Optional[RunningWalk]:
+    """The walk for these images, or None when the generic path must run.
+
+    None when the players are not the plain positions of a 4-D map (groups, tokens), when a
+    runtime shape does not fit the pattern, when the tables exceed ``memory_budget``, or (with a
+    warning) when the walk disagrees with the head on probe coalitions.
+    """
+    if grid.group_size != 1 or grid.token_index is not None or players.dim() != 4:
+        return None
+    base_map = baseline.expand_as(players).contiguous()
+    g_keep, g_base = pattern.body(players, *held), pattern.body(base_map, *held)
+    start = pattern.front(g_base)
+    if g_keep.dim() != 4 or g_keep.shape != g_base.shape or g_keep.shape[-2:] != players.shape[-2:] \
+            or start.shape[0] != players.shape[0]:
+        return None
+    if pattern.pool == "global":
+        table, step_rows = _pooled_table(pattern, g_keep, g_base, start)
+    else:
+        table, step_rows = _window_table(pattern, g_keep, g_base, start, memory_budget)
+    if table is None:
+        return None
+    n = players.shape[-1] * players.shape[-2]
+    if pattern.pool == "global" and pattern.tail is None and pattern.linear is not None and _class_targets(targets):
+        per_perm = 4 * players.shape[0] * (n + 1) * table.shape[-1] * 8  # the reference op's float64 temporaries
+        walk = LinearWalk(start, table, targets, _per_chunk(per_perm, memory_budget, batch_size, n, players.shape[0]))
+    else:
+        per_perm = players.shape[0] * (n + 1) * (_tail_bytes_per_row(pattern, start, targets, measure)
+                                                 + 3 * table.shape[-1] * 4)
+        path = "pooled" if pattern.pool == "global" else "local-pool-linear"
+        walk = RunningWalk(path, start, table, step_rows, pattern.tail, targets,
+                           _per_chunk(per_perm, memory_budget, batch_size, n, players.shape[0]))
+    return walk if _agrees_with_head(walk, head, players, base_map, held, targets) else None
+
+
+def _tail_bytes_per_row(pattern: HeadPattern, start: torch.Tensor, targets: list[Target], measure: Measure) -> int:
+    """Bytes the tail and the target allocate per row: two rows minus one, so that what does not
+    grow with the rows (views of the weights, for instance) cancels."""
+    def run(rows: int) -> Callable[[], object]:
+        x = start[:1].expand((rows,) + tuple(start.shape[1:])).contiguous()
+        return lambda: score(targets[:1], (x if pattern.tail is None else pattern.tail(x))[None])
+
+    return max(measure(run(2)) - measure(run(1)), 1)
+
+
+def _class_targets(targets: list[Target]) -> bool:
+    return all(isinstance(t, ClassTarget) for t in targets) and len({t.softmax for t in targets}) == 1
+
+
+def _per_chunk(per_perm: int, memory_budget: int, batch_size: Optional[int], n: int, images: int) -> int:
+    if batch_size is not None:  # the user's head evaluations per chunk
+        return max(1, batch_size // (images * (n + 1)))
+    return max(1, memory_budget // max(per_perm, 1))
+
+
+def _pooled_table(pattern: HeadPattern, g_keep, g_base, start):
+    """(B, n, D) change of the front output when each position joins, and the step-row map."""
+    b, c = g_keep.shape[:2]
+    n = g_keep.shape[-1] * g_keep.shape[-2]
+    change = ((g_keep - g_base).flatten(2).transpose(1, 2) / n).contiguous()  # (B, n, C): the pooled vector's change
+    if pattern.linear is not None:
+        if pattern.linear.in_features != c or start.dim() != 2:
+            return None, None
+        change = F.linear(change, pattern.linear.weight)
+    elif math.prod(start.shape[1:]) != c:
+        return None, None
+    return change, _identity_rows
+
+
+def _window_table(pattern: HeadPattern, g_keep, g_base, start, memory_budget: int):
+    """Changes of the first Linear's pre-activation for every (cell, window state, entering slot).
+
+    Row ``q * P + pair[m, i]`` holds the change when slot i of cell q joins while the slots in
+    bitmask m are in; the last row, zero, serves positions outside every window.
+    """
+    kh, kw = pattern.window
+    slots = kh * kw
+    b, c, h, w = g_keep.shape
+    hp, wp = h // kh, w // kw
+    cells = hp * wp
+    linear = pattern.linear
+    pairs = [(m, i) for m in range(2 ** slots) for i in range(slots) if not m >> i & 1]
+    rows = cells * len(pairs) + 1
+    if hp == 0 or wp == 0 or b * rows * linear.out_features * g_keep.element_size() > memory_budget:
+        return None, None
+    slot_bit = 2 ** ((torch.arange(h) % kh)[:, None] * kw + torch.arange(w) % kw).to(g_keep.device)
+    pooled = torch.stack([  # (B, 2**slots, C, hp, wp): each cell's pooled value in every window state
+        pattern.local_pool(torch.where(slot_bit & m != 0, g_keep, g_base)) for m in range(2 ** slots)], 1)
+    if pooled.shape[-2:] != (hp, wp):
+        return None, None
+    # Each cell's share of the Linear's output in each window state; a step's change is a difference.
+    shares = _through_linear(pooled.flatten(3), linear.weight, _adaptive_mixing(pattern, linear.weight, hp, wp))
+    if shares is None or start.dim() != 2:
+        return None, None
+    grown = torch.tensor([m | 1 << i for m, i in pairs], device=g_keep.device)
+    before = torch.tensor([m for m, _ in pairs], device=g_keep.device)
+    change = (shares[:, :, grown] - shares[:, :, before]).reshape(b, cells * len(pairs), -1)
+    table = torch.cat([change, change.new_zeros(b, 1, change.shape[-1])], 1)
+    pair_index = torch.full((2 ** slots, slots), -1, dtype=torch.long)
+    for k, (m, i) in enumerate(pairs):
+        pair_index[m, i] = k
+    return table, _WindowSteps(h, w, kh, kw, pair_index.to(g_keep.device), len(pairs))
+
+
+def _adaptive_mixing(pattern: HeadPattern, weight: torch.Tensor, hp: int, wp: int) -> Optional[torch.Tensor]:
+    """(S, cells): how much each pooled cell feeds each output of the adaptive pool; None when
+    there is none, or it is the identity at this size."""
+    if pattern.adaptive is None:
+        return None
+    cells = hp * wp
+    eye = torch.eye(cells, dtype=weight.dtype, device=weight.device)
+    mixing = pattern.adaptive(eye.view(cells, 1, hp, wp)).flatten(1).T
+    return None if torch.equal(mixing, eye) else mixing
+
+
+def _through_linear(pooled: torch.Tensor, weight: torch.Tensor, mixing: Optional[torch.Tensor]):
+    """(B, M, C, cells) pooled grids -> (B, cells, M, O): each cell's term of the Linear's output
+    (bias excluded), or None if the Linear does not fit the pooled grid.
+
+    The weight's input index is (channel, cell) with the cell fastest, so each cell's (O, C) block
+    is strided; it is re-laid out a few MB of rows at a time, which keeps the copy in cache.
+    """
+    b, m, c, cells = pooled.shape
+    size = cells if mixing is None else mixing.shape[0]
+    if weight.shape[1] != c * size:
+        return None
+    out = weight.shape[0]
+    x = pooled.permute(3, 0, 1, 2).reshape(cells, b * m, c).contiguous()  # strided operands are slow
+    result = pooled.new_empty(cells, b * m, out)
+    rows = max(1, (16 << 20) // (c * size * weight.element_size()))
+    for o0 in range(0, out, rows):
+        part = weight[o0:o0 + rows].view(-1, c, size)
+        if mixing is not None:
+            part = (part.reshape(-1, size) @ mixing).view(-1, c, cells)
+        result[:, :, o0:o0 + rows] = torch.bmm(x, part.permute(2, 1, 0).contiguous())
+    return result.view(cells, b, m, out).permute(1, 0, 2, 3)
+
+
+class _WindowSteps:
+    """Maps permutations to the table rows of their steps (see ``_window_table``)."""
+
+    def __init__(self, h: int, w: int, kh: int, kw: int, pair_index: torch.Tensor, pairs: int):
+        device = pair_index.device
+        y, x = torch.arange(h, device=device).repeat_interleave(w), torch.arange(w, device=device).repeat(h)
+        hp, wp = h // kh, w // kw
+        covered = (y < hp * kh) & (x < wp * kw)
+        cell = (y // kh) * wp + x // kw
+        self.slot = (y % kh) * kw + x % kw
+        # mates[p, j]: the position in slot j of p's window (p itself outside every window)
+        dy, dx = torch.arange(kh * kw, device=device) // kw, torch.arange(kh * kw, device=device) % kw
+        mates = ((y - y % kh)[:, None] + dy) * w + (x - x % kw)[:, None] + dx
+        self.mates = torch.where(covered[:, None], mates, torch.arange(h * w, device=device)[:, None])
+        self.base_row = torch.where(covered, cell * pairs, -1)
+        self.zero_row = hp * wp * pairs
+        self.pair_index, self.bits = pair_index, 2 ** torch.arange(kh * kw, device=device)
+
+    def __call__(self, perms: torch.Tensor) -> torch.Tensor:
+        ranks = permutation_ranks(perms)  # (K, n)
+        state = ((ranks[:, self.mates] < ranks[:, :, None]) * self.bits).sum(-1)  # mates already in
+        rows = torch.where(self.base_row >= 0, self.base_row + self.pair_index[state, self.slot], self.zero_row)
+        return rows.gather(1, perms)
+
+
+def _agrees_with_head(walk: RunningWalk, head: Callable, players, base_map, held, targets) -> bool:
+    """Checks the walk against the head on the empty, a checkerboard and the full coalition."""
+    b, c, h, w = players.shape
+    cells = torch.arange(h * w, device=players.device)
+    first = (cells // w + cells % w) % 2 == 0
+    probe = torch.cat([cells[first], cells[~first]])[None]
+    lengths = [0, int(first.sum()), h * w]
+    fast = walk.values(probe)[:, 0, lengths].double()
+    ranks = permutation_ranks(probe)  # (1, n)
+    keep = (ranks < torch.tensor(lengths, device=players.device)[:, None]).view(3, 1, h, w)
+    masked = torch.where(keep, players[:, None], base_map[:, None]).reshape(b * 3, c, h, w)
+    out = head(masked, *held)
+    generic = score(targets, out.view((b, 3) + tuple(out.shape[1:]))).double()
+    tolerance = 1e-5 * max(1.0, float(generic.abs().max()))
+    if torch.allclose(fast, generic, rtol=1e-3, atol=tolerance):
+        return True
+    warnings.warn(
+        f"shapcam_ext: the {walk.path} fast path differs from the head by {float((fast - generic).abs().max()):.3g} "
+        "on a probe coalition; using the generic path. Please report the model and layer.",
+        RuntimeWarning, stacklevel=4,
+    )
+    return False
+
