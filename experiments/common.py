@@ -28,7 +28,7 @@ warnings.filterwarnings("ignore", message="shapcam_ext: the compiled library")  
 
 import shapcam_ext  # noqa: E402
 from shapcam_ext import ClassifierOutputSoftmaxTarget, ShapCAM  # noqa: E402
-from shapcam_ext.cam import scale_cam_image  # noqa: E402
+from shapcam_ext.postprocess import scale_cam_image  # noqa: E402
 from shapcam_ext.images import bundled_photos, load_image, preprocess, to_display_rgb  # noqa: E402
 from shapcam_ext.models import PreprocessConfig, default_layer, load_model  # noqa: E402
 
@@ -96,7 +96,7 @@ def _shapcam_map(model, layer, x, category, n_permutations, seed):
     cam = ShapCAM(model, target_layers=[layer], n_permutations=n_permutations, seed=seed)
     result = cam.explain(x, [ClassifierOutputSoftmaxTarget(category)])[0]
     size = (x.shape[-1], x.shape[-2])
-    heat = scale_cam_image(result.feature_map[None].clamp_min(0), size)[0]
+    heat = result.cam_image(size)
     info = {
         "value_full": result.value_full, "value_empty": result.value_empty,
         "shapley_sum": float(result.shapley.sum()), "efficiency_gap": result.efficiency_gap,

@@ -11,30 +11,13 @@ from typing import Callable, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from shapcam_ext.engine import SamplingConfig, ShapleyEngine, ShapleyResult, _check_device
 from shapcam_ext.head import split_model
+from shapcam_ext.postprocess import scale_cam_image
 from shapcam_ext.targets import Target
 
 Layer = Union[torch.nn.Module, str]
-
-
-def scale_cam_image(cams: torch.Tensor, target_size: Optional[tuple] = None) -> np.ndarray:
-    """Per-image min-max to [0, 1], then bilinear resize to ``target_size`` = (width, height).
-
-    Same arithmetic as pytorch-grad-cam's ``scale_cam_image`` (OpenCV's bilinear resize uses
-    the same half-pixel sampling as ``align_corners=False``).
-    """
-    cams = cams.to(torch.float32)
-    flat = cams.flatten(1)
-    flat = flat - flat.amin(1, keepdim=True)
-    flat = flat / (1e-7 + flat.amax(1, keepdim=True))
-    cams = flat.view_as(cams)
-    if target_size is not None:
-        width, height = target_size
-        cams = F.interpolate(cams[:, None], size=(height, width), mode="bilinear", align_corners=False)[:, 0]
-    return cams.numpy()
 
 
 class ShapCAM:
@@ -107,9 +90,7 @@ class ShapCAM:
         size = (input_tensor.shape[-1], input_tensor.shape[-2])
         per_layer = []
         for layer in range(len(self.engines)):
-            results = self.explain(input_tensor, targets, layer)
-            maps = torch.stack([r.feature_map for r in results])
-            per_layer.append(scale_cam_image(maps.clamp_min(0), size))
+            per_layer.append(np.stack([r.cam_image(size) for r in self.explain(input_tensor, targets, layer)]))
         combined = np.maximum(np.stack(per_layer, axis=1), 0).mean(axis=1)
         return scale_cam_image(torch.from_numpy(combined))
 

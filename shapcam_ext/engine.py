@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence
 
+import numpy as np
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
@@ -21,6 +22,7 @@ from shapcam_ext import fastpath, ops
 from shapcam_ext._backend import backend_info
 from shapcam_ext.head import SplitModel
 from shapcam_ext.players import PlayerGrid
+from shapcam_ext.postprocess import scale_cam_image
 from shapcam_ext.sampling import all_permutations, sample_permutations
 from shapcam_ext.targets import Target, resolve_targets, score
 
@@ -97,6 +99,10 @@ class ShapleyResult:
     def max_std_error(self) -> float:
         return float(self.std_error.max())
 
+    def cam_image(self, size: Optional[tuple] = None) -> np.ndarray:
+        """The map as ShapCAM returns it: ReLU, min-max to [0, 1], resized to size = (width, height)."""
+        return scale_cam_image(self.feature_map[None].clamp_min(0), size)[0]
+
 
 class BatchError(ValueError):
     """Some images of a batch failed; ``results`` holds the others (None where failed)."""
@@ -109,7 +115,8 @@ class BatchError(ValueError):
 
 
 class _AllocationCounter(TorchDispatchMode):
-    """Sums the bytes of every tensor an op returns: an upper bound on a call's memory."""
+    """Sums the bytes of the new storage every op returns (views are free): an upper bound on
+    a call's memory, since nothing is counted as freed."""
 
     def __init__(self):
         super().__init__()
@@ -117,8 +124,14 @@ class _AllocationCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        self.bytes += sum(t.numel() * t.element_size() for t in tree_leaves(out) if isinstance(t, torch.Tensor))
+        inputs = {_storage(t) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        new = {_storage(t): t.untyped_storage().nbytes() for t in tree_leaves(out) if isinstance(t, torch.Tensor)}
+        self.bytes += sum(size for storage, size in new.items() if storage not in inputs)
         return out
+
+
+def _storage(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
 
 
 def _check_device(model: torch.nn.Module, input_tensor: torch.Tensor) -> None:
@@ -287,17 +300,19 @@ class ShapleyEngine:
         cfg = self.config
         if cfg.batch_size is not None:
             return cfg.batch_size
-        one = players[:1]
-        counter = _AllocationCounter()
-        with counter:
-            self.split.head(grid.head_input(one, slice(images.start, images.start + 1)), *(h[:1] for h in held))
-        per_row = counter.bytes + one.numel() * one.element_size()
-        if per_row > cfg.memory_budget:
+        # Two calls separate the cost of one more row from per-call constants (weight copies).
+        image = slice(images.start, images.start + 1)
+        measured = [_allocated_bytes(lambda: self.split.head(
+            grid.head_input(players[:1].expand((rows,) + players.shape[1:]), image), *(h[:1] for h in held)))
+            for rows in (1, 2)]
+        per_row = max(measured[1] - measured[0], 0) + players[:1].numel() * players.element_size()
+        fixed = max(measured[0] - per_row, 0)
+        if fixed + per_row > cfg.memory_budget:
             raise ValueError(
                 f"memory_budget of {cfg.memory_budget / MiB:.1f} MiB is too small for one head evaluation "
-                f"({per_row / MiB:.1f} MiB); raise memory_budget"
+                f"({(fixed + per_row) / MiB:.1f} MiB); raise memory_budget"
             )
-        return cfg.memory_budget // per_row
+        return (cfg.memory_budget - fixed) // per_row
 
 
 def _allocated_bytes(fn: Callable[[], object]) -> int:

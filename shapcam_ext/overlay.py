@@ -14,19 +14,12 @@ from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from shapcam_ext.cam import scale_cam_image
 from shapcam_ext.engine import ShapleyResult
 from shapcam_ext.targets import ClassTarget
 
-__all__ = ["explanation_figure", "heatmap_overlay", "run_summary", "save_figure", "upsampled_mask"]
+__all__ = ["explanation_figure", "heatmap_overlay", "run_summary", "save_figure"]
 
 PANEL_INCHES = 3.3
-
-
-def upsampled_mask(feature_map: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
-    """A signed (h, w) map as pytorch-grad-cam shows it: ReLU, min-max to [0, 1], bilinear to ``size`` = (H, W)."""
-    height, width = size
-    return scale_cam_image(feature_map.detach().cpu().clamp_min(0)[None], (width, height))[0]
 
 
 def heatmap_overlay(rgb: np.ndarray, mask: np.ndarray, colormap: str = "jet", image_weight: float = 0.5) -> np.ndarray:
@@ -109,7 +102,7 @@ def explanation_figure(
     fig.suptitle(f"{label}\n{run_summary(result)}", fontsize=11)
 
     _show(axes[0], rgb, "model input")
-    _show(axes[1], heatmap_overlay(rgb, upsampled_mask(result.feature_map, rgb.shape[:2]), colormap),
+    _show(axes[1], heatmap_overlay(rgb, result.cam_image((rgb.shape[1], rgb.shape[0])), colormap),
           f"Shap-CAM (layer {result.layer})")
     for ax, (title, mask) in zip(axes[2:], comparisons.items()):
         _show(ax, heatmap_overlay(rgb, mask, colormap), title)

@@ -189,7 +189,7 @@ def test_cam_call_matches_gradcam_postprocessing(model_and_input):
 def test_resize_matches_opencv():
     from pytorch_grad_cam.utils.image import scale_cam_image as gradcam_scale
 
-    from shapcam_ext.cam import scale_cam_image
+    from shapcam_ext.postprocess import scale_cam_image
 
     cams = torch.rand(2, 7, 7, dtype=torch.float64).float()
     np.testing.assert_allclose(scale_cam_image(cams, (224, 224)), gradcam_scale(cams.numpy(), (224, 224)), atol=1e-5)

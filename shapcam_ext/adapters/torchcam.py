@@ -6,7 +6,7 @@ from typing import List, Optional, Sequence, Union
 import torch
 
 from shapcam_ext.cam import ShapCAM as _ShapCAM
-from shapcam_ext.cam import scale_cam_image
+from shapcam_ext.postprocess import scale_cam_image
 from shapcam_ext.targets import ClassifierOutputSoftmaxTarget
 
 Layer = Union[torch.nn.Module, str]
