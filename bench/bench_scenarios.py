@@ -37,7 +37,7 @@ from torch import nn  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from shapcam_ext import ShapCAM, backend_info, fastpath, ops  # noqa: E402
+from shapcam_ext import ShapCAM, backend_info, fastpath  # noqa: E402
 from shapcam_ext.images import bundled_photos, load_image, preprocess  # noqa: E402
 from shapcam_ext.models import load_model  # noqa: E402
 from shapcam_ext.players import PlayerGrid  # noqa: E402

@@ -7,7 +7,6 @@ contributions with the compiled scatter op.
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence

@@ -18,7 +18,6 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Union
 
-import torch
 import torch.fx as fx
 from torch import Tensor, nn
 

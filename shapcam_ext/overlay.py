@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Mapping, Optional, Union
 
 import numpy as np
-import torch
 from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure

@@ -1,5 +1,4 @@
 """Model loading, checkpoints, default layers, bundled photos and preprocessing."""
-import pickle
 
 import numpy as np
 import pytest
