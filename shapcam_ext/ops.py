@@ -197,7 +197,9 @@ def linear_walk_(
     each permutation the running logits are updated one position at a time and the worth (the
     softmax probability of ``classes[b]``, or its logit when ``softmax=False``) is differenced
     into ``phi`` / ``phi_sq`` exactly as :func:`scatter_marginals_` would; the (K, n+1, M)
-    logits are never materialised by the compiled kernels.
+    logits are never materialised by the compiled kernels. The CPU kernel walks in the inputs'
+    precision (float for float32/half/bfloat16 logits, double for float64) while ``phi`` /
+    ``phi_sq`` accumulate in their own dtype; the CUDA kernel walks in ``phi``'s dtype.
 
     Args:
         start_logits: (B, M) logits of the empty coalition.
