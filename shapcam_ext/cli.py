@@ -288,7 +288,7 @@ def _as_text(record: dict, position: str) -> str:
     lines.append(f"  target   {record['target']['index']} {record['target']['name']} (softmax probability)")
     lines.append(
         f"  run      {record['n_permutations']} permutations · max std error {record['max_std_error']:.2g} · "
-        f"efficiency gap {record['efficiency_gap']:.1e} · {record['seconds']:.1f} s · "
+        f"efficiency gap {record['efficiency_gap']:.1e} · {record['seconds']:.3g} s · "
         f"layer {record['layer']} · {record['backend']} backend"
     )
     if record["compare"]:

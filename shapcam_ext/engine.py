@@ -177,12 +177,12 @@ class ShapleyEngine:
         good = [i for i, ok in enumerate(finite) if ok]
         results: List[Optional[ShapleyResult]] = [None] * act.shape[0]
         for images in _runs(good):
-            results[images] = self._explain_images(grid, trunk.held, targets, images, logits, start)
+            results[images] = self._explain_images(grid, trunk.held, targets, images, start)
         if failures:
             raise BatchError(failures, results)
         return results, logits
 
-    def _explain_images(self, grid, held, targets, images: slice, logits, start) -> List[ShapleyResult]:
+    def _explain_images(self, grid, held, targets, images: slice, start) -> List[ShapleyResult]:
         cfg = self.config
         players = grid.players[images]
         held = tuple(h[images] for h in held)
@@ -219,8 +219,7 @@ class ShapleyEngine:
             done += perms.shape[0]
             if cfg.tolerance is not None and _relative_error(phi, phi_sq, done).max() < cfg.tolerance:
                 break
-        mean = (phi / done).cpu()
-        var = (phi_sq.cpu() / done - mean.square()).clamp_min(0) * (done / max(done - 1, 1))
+        mean, std_error = _mean_and_standard_error(phi.cpu(), phi_sq.cpu(), done)
         seconds = time.perf_counter() - start
         h, w = players.shape[-2:]
         out = []
@@ -229,7 +228,7 @@ class ShapleyEngine:
             shapley = mean[i].view(h, w)
             out.append(ShapleyResult(
                 shapley=shapley,
-                std_error=(var[i] / done).sqrt().view(h, w),
+                std_error=std_error[i].view(h, w),
                 value_full=full,
                 value_empty=empty,
                 efficiency_gap=abs(float(mean[i].sum()) - (full - empty)),
@@ -246,7 +245,7 @@ class ShapleyEngine:
     def _fast_walk(self, grid, players, held, targets, baseline) -> Optional[fastpath.RunningWalk]:
         """The exact fast path for these images, or None for the generic path."""
         cfg = self.config
-        if not cfg.fast_path or self.fast_pattern is None:
+        if self.fast_pattern is None:
             return None
         return fastpath.prepare(self.fast_pattern, self.split.head, grid, players, held, targets, baseline,
                                 cfg.memory_budget, cfg.batch_size, _allocated_bytes)
@@ -326,12 +325,17 @@ def _identity_perm(n: int, device) -> torch.Tensor:
     return torch.arange(n, device=device).view(1, n)
 
 
-def _relative_error(phi, phi_sq, k: int) -> torch.Tensor:
-    """Per image: largest standard error over the largest |Shapley value|."""
+def _mean_and_standard_error(phi, phi_sq, k: int) -> tuple:
+    """Estimates and their standard errors from sums of K marginal contributions and squares."""
     mean = phi / k
     var = (phi_sq / k - mean.square()).clamp_min(0) * (k / max(k - 1, 1))
-    se = (var / k).sqrt().amax(1)
-    return (se / mean.abs().amax(1).clamp_min(1e-12)).cpu()
+    return mean, (var / k).sqrt()
+
+
+def _relative_error(phi, phi_sq, k: int) -> torch.Tensor:
+    """Per image: largest standard error over the largest |Shapley value|."""
+    mean, std_error = _mean_and_standard_error(phi, phi_sq, k)
+    return (std_error.amax(1) / mean.abs().amax(1).clamp_min(1e-12)).cpu()
 
 
 def _runs(indices: List[int]) -> List[slice]:

@@ -60,7 +60,7 @@ def run_summary(result: ShapleyResult) -> str:
     """One line with the run's figures: permutations, largest standard error, efficiency gap, time."""
     return (
         f"{result.n_permutations} permutations · max std error {result.max_std_error:.2g} · "
-        f"efficiency gap {result.efficiency_gap:.1e} · {result.seconds:.1f} s · {result.backend} backend"
+        f"efficiency gap {result.efficiency_gap:.1e} · {result.seconds:.3g} s · {result.backend} backend"
     )
 
 
