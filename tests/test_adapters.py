@@ -1,5 +1,6 @@
 """The other libraries' conventions over the one engine, and agreement with Captum."""
 import dataclasses
+from contextlib import nullcontext
 
 import numpy as np
 import pytest
@@ -121,3 +122,32 @@ def test_converged_map_agrees_with_captum_on_the_real_model():
     se = result.std_error.float() * (1 + (3000 / captum_samples)) ** 0.5
     assert ((ours - theirs).abs() <= 4 * se + 1e-6).all(), (ours, theirs, se)
     assert torch.corrcoef(torch.stack([ours.flatten(), theirs.flatten()]))[0, 1] > 0.95
+
+
+DROP_IN_MODELS = [
+    ("resnet18", lambda m: m.layer4[-1]),
+    ("resnet50", lambda m: m.layer4[-1]),
+    ("vgg16", lambda m: m.features[29]),
+    ("densenet121", lambda m: m.features),
+    ("mobilenet_v3_large", lambda m: m.features),
+    ("efficientnet_b0", lambda m: m.features),
+    ("convnext_tiny", lambda m: m.features),
+    ("tf_efficientnet_lite0", lambda m: m.bn2),
+]
+
+
+@pytest.mark.parametrize("name,layer", DROP_IN_MODELS, ids=[name for name, _ in DROP_IN_MODELS])
+def test_drop_in_snippet_on_the_listed_models(name, layer):
+    """The pytorch-grad-cam snippet, unchanged but for the import, on every listed model."""
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget as TheirSoftmax
+
+    from shapcam_ext.models import load_model
+
+    with pytest.warns(UserWarning, match="random weights") if name != "tf_efficientnet_lite0" else nullcontext():
+        model, _ = load_model(name)
+    x = torch.randn(1, 3, 64, 64)
+    with ShapCAM(model=model, target_layers=[layer(model)], n_permutations=8) as cam:
+        maps = cam(input_tensor=x, targets=[TheirSoftmax(281)])
+        result = cam.explain(x, [TheirSoftmax(281)])[0]
+    assert maps.shape == (1, 64, 64) and maps.dtype == np.float32 and 0 <= maps.min() and maps.max() <= 1
+    assert result.efficiency_gap < 1e-5
