@@ -191,6 +191,37 @@ def overlay(rgb: np.ndarray, heat: np.ndarray) -> np.ndarray:
     return show_cam_on_image(rgb, heat, use_rgb=True, image_weight=0.5)
 
 
+def save_map_grid(path, rows: list, title: str, boxes: Optional[list] = None) -> None:
+    """One row per image: the photo, then one overlay per method.
+
+    rows: (rgb, row title, [(heat map, panel title), ...]) per image; boxes: per row, boxes
+    drawn on every panel (lime on the photo, white on the overlays).
+    """
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    cols = 1 + len(rows[0][2])
+    fig, axes = plt.subplots(len(rows), cols, figsize=(2.2 * cols, 2.3 * len(rows)), squeeze=False)
+    for i, (rgb, row_title, panels) in enumerate(rows):
+        axes[i, 0].imshow(rgb)
+        axes[i, 0].set_title(row_title, fontsize=7)
+        for j, (heat, panel_title) in enumerate(panels, 1):
+            axes[i, j].imshow(overlay(rgb, heat))
+            axes[i, j].set_title(panel_title, fontsize=7)
+        for j, ax in enumerate(axes[i]):
+            for x0, y0, x1, y1 in (boxes[i] if boxes else []):
+                ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False,
+                                       edgecolor="lime" if j == 0 else "white", linewidth=1.5))
+    for ax in axes.ravel():
+        ax.axis("off")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.4 / fig.get_figheight()))  # room for the suptitle
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
 def save_json(path: Path, payload: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2) + "\n")

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from common import (
     METHODS, MODEL, RESULTS, MapCache, class_probs, environment, load_lite0, load_photos, markdown_table,
-    overlay, random_map, save_json,
+    random_map, save_json, save_map_grid,
 )
 from shapcam_ext.metrics import average_drop, explanation_input, increase_in_confidence
 from shapcam_ext.models import imagenet_classes
@@ -56,24 +56,10 @@ def scores_under(model, cfg, photos, classes, maps, keep) -> np.ndarray:
 
 
 def save_figure(path, photos, labels, maps, scores, y, keep):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cols = 1 + len(METHODS)
-    fig, axes = plt.subplots(len(photos), cols, figsize=(2.2 * cols, 2.3 * len(photos)), squeeze=False)
-    for i, photo in enumerate(photos):
-        axes[i, 0].imshow(photo.rgb)
-        axes[i, 0].set_title(f"{photo.name}\n{labels[i]} Y={y[i]:.2f}", fontsize=7)
-        for j, method in enumerate(METHODS):
-            axes[i, j + 1].imshow(overlay(photo.rgb, maps[method][i]))
-            axes[i, j + 1].set_title(f"{method}\nO={scores[method][i]:.2f} (keep {keep:g})", fontsize=7)
-    for ax in axes.ravel():
-        ax.axis("off")
-    fig.suptitle(f"{MODEL} (real ImageNet weights), layer bn2: maps for the top-1 class", fontsize=9)
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.4 / fig.get_figheight()))  # room for the suptitle
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    rows = [(photo.rgb, f"{photo.name}\n{labels[i]} Y={y[i]:.2f}",
+             [(maps[m][i], f"{m}\nO={scores[m][i]:.2f} (keep {keep:g})") for m in METHODS])
+            for i, photo in enumerate(photos)]
+    save_map_grid(path, rows, f"{MODEL} (real ImageNet weights), layer bn2: maps for the top-1 class")
 
 
 def main():

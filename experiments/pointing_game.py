@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from common import (
     METHODS, MODEL, RESULTS, MapCache, box_to_input, class_probs, environment, load_lite0, load_photos,
-    markdown_table, overlay, random_map, save_json,
+    markdown_table, random_map, save_json, save_map_grid,
 )
 from shapcam_ext.metrics import box_mask, energy_pointing_game
 
@@ -50,35 +50,12 @@ def parse_args():
     return args
 
 
-def draw_boxes(ax, boxes, color="lime"):
-    from matplotlib.patches import Rectangle
-
-    for x0, y0, x1, y1 in boxes:
-        ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=color, linewidth=1.5))
-
-
 def save_figure(path, objects, photos, maps, scores):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cols = 1 + len(METHODS)
-    fig, axes = plt.subplots(len(objects), cols, figsize=(2.2 * cols, 2.3 * len(objects)), squeeze=False)
-    for i, obj in enumerate(objects):
-        photo = photos[obj["image"]]
-        axes[i, 0].imshow(photo.rgb)
-        axes[i, 0].set_title(f"{obj['image']}\n{obj['label']} (box {obj['area']:.0%})", fontsize=7)
-        draw_boxes(axes[i, 0], obj["input_boxes"])
-        for j, method in enumerate(METHODS):
-            axes[i, j + 1].imshow(overlay(photo.rgb, maps[method][i]))
-            draw_boxes(axes[i, j + 1], obj["input_boxes"], color="white")
-            axes[i, j + 1].set_title(f"{method}\nenergy in box {scores[method][i]:.2f}", fontsize=7)
-    for ax in axes.ravel():
-        ax.axis("off")
-    fig.suptitle(f"{MODEL}, layer bn2: energy-based pointing game on hand-drawn boxes", fontsize=9)
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.4 / fig.get_figheight()))  # room for the suptitle
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    rows = [(photos[o["image"]].rgb, f"{o['image']}\n{o['label']} (box {o['area']:.0%})",
+             [(maps[m][i], f"{m}\nenergy in box {scores[m][i]:.2f}") for m in METHODS])
+            for i, o in enumerate(objects)]
+    save_map_grid(path, rows, f"{MODEL}, layer bn2: energy-based pointing game on hand-drawn boxes",
+                  boxes=[o["input_boxes"] for o in objects])
 
 
 def main():
