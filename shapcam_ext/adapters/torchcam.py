@@ -35,15 +35,17 @@ class ShapCAM:
 
     def __call__(self, class_idx: Union[int, Sequence[int]], scores: Optional[torch.Tensor] = None,
                  normalized: bool = True) -> List[torch.Tensor]:
-        if self._input is None:
+        x = self._input
+        if x is None:
             raise RuntimeError("run the model on your input before calling the extractor (torchcam's convention)")
-        batch = self._input.shape[0]
+        batch = x.shape[0]
         classes = [class_idx] * batch if isinstance(class_idx, int) else list(class_idx)
         targets = [ClassifierOutputSoftmaxTarget(c) for c in classes]
         maps = []
         for layer in range(len(self.cam.engines)):
-            cams = torch.stack([r.feature_map for r in self.cam.explain(self._input, targets, layer)])
+            cams = torch.stack([r.feature_map for r in self.cam.explain(x, targets, layer)])
             maps.append(torch.from_numpy(scale_cam_image(cams.clamp_min(0))) if normalized else cams.float())
+        self._input = x  # the hook path of an untraceable model reruns the model inside explain()
         return maps
 
     def remove_hooks(self) -> None:
