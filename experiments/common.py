@@ -6,6 +6,7 @@ Every method is run through its pytorch-grad-cam-style call, so all maps obey on
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import math
@@ -220,6 +221,29 @@ def save_map_grid(path, rows: list, title: str, boxes: Optional[list] = None) ->
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.4 / fig.get_figheight()))  # room for the suptitle
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+def map_arguments(description: str, quick_help: str, name: str) -> argparse.ArgumentParser:
+    """The options both ImageNet experiments share: which photos, how maps are made, where results go."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--images", nargs="*", help="photo names (default: all bundled photos)")
+    p.add_argument("--n-permutations", type=int, default=256, help="Shap-CAM permutations K per image")
+    p.add_argument("--seed", type=int, default=0, help="Shap-CAM permutation seed")
+    p.add_argument("--random-maps", type=int, default=20, help="random 7x7 reference maps per image")
+    p.add_argument("--scorecam-batch", type=int, default=64, help="masked inputs per ScoreCAM forward pass")
+    p.add_argument("--cache-dir", default="/tmp/shapcam_experiments_cache", help="map cache ('' disables it)")
+    p.add_argument("--quick", action="store_true", help=f"{quick_help}, K = 32, 5 random maps")
+    p.add_argument("--out", default=str(RESULTS / f"{name}.json"))
+    p.add_argument("--figure", default=str(RESULTS / f"{name}_maps.png"))
+    return p
+
+
+def parse_map_arguments(p: argparse.ArgumentParser, quick_images: list) -> argparse.Namespace:
+    args = p.parse_args()
+    if args.quick:
+        args.images = args.images or quick_images
+        args.n_permutations, args.random_maps = 32, 5
+    return args
 
 
 def save_json(path: Path, payload: dict) -> None:

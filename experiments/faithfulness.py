@@ -10,7 +10,6 @@ pixels, and the class probability on that input (O) is compared with the origina
 """
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
@@ -19,8 +18,8 @@ import torch
 from tqdm.auto import tqdm
 
 from common import (
-    METHODS, MODEL, RESULTS, MapCache, class_probs, environment, load_lite0, load_photos, markdown_table,
-    random_map, save_json, save_map_grid,
+    METHODS, MODEL, MapCache, class_probs, environment, load_lite0, load_photos, markdown_table,
+    map_arguments, parse_map_arguments, random_map, save_json, save_map_grid,
 )
 from shapcam_ext.metrics import average_drop, explanation_input, increase_in_confidence
 from shapcam_ext.models import imagenet_classes
@@ -29,23 +28,10 @@ QUICK_IMAGES = ["chelsea", "coffee", "rocket"]
 
 
 def parse_args():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--images", nargs="*", help="photo names (default: all bundled photos)")
-    p.add_argument("--n-permutations", type=int, default=256, help="Shap-CAM permutations K per image")
-    p.add_argument("--seed", type=int, default=0, help="Shap-CAM permutation seed")
+    p = map_arguments(__doc__, f"photos {QUICK_IMAGES}", "faithfulness")
     p.add_argument("--keep-fractions", type=float, nargs="*", default=[1.0, 0.5, 0.2],
                    help="fractions of each map's pixels kept positive (1.0 = the whole map, Grad-CAM++'s protocol)")
-    p.add_argument("--random-maps", type=int, default=20, help="random 7x7 reference maps per photo")
-    p.add_argument("--scorecam-batch", type=int, default=64, help="masked inputs per ScoreCAM forward pass")
-    p.add_argument("--cache-dir", default="/tmp/shapcam_experiments_cache", help="map cache ('' disables it)")
-    p.add_argument("--quick", action="store_true", help=f"photos {QUICK_IMAGES}, K = 32, 5 random maps")
-    p.add_argument("--out", default=str(RESULTS / "faithfulness.json"))
-    p.add_argument("--figure", default=str(RESULTS / "faithfulness_maps.png"))
-    args = p.parse_args()
-    if args.quick:
-        args.images = args.images or QUICK_IMAGES
-        args.n_permutations, args.random_maps = 32, 5
-    return args
+    return parse_map_arguments(p, QUICK_IMAGES)
 
 
 def scores_under(model, cfg, photos, classes, maps, keep) -> np.ndarray:

@@ -10,7 +10,6 @@ method scores the share of its map's energy inside them (shapcam_ext.metrics.ene
 """
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
@@ -20,8 +19,8 @@ import torch
 from tqdm.auto import tqdm
 
 from common import (
-    METHODS, MODEL, RESULTS, MapCache, box_to_input, class_probs, environment, load_lite0, load_photos,
-    markdown_table, random_map, save_json, save_map_grid,
+    METHODS, MODEL, MapCache, box_to_input, class_probs, environment, load_lite0, load_photos,
+    map_arguments, markdown_table, parse_map_arguments, random_map, save_json, save_map_grid,
 )
 from shapcam_ext.metrics import box_mask, energy_pointing_game
 
@@ -30,24 +29,11 @@ QUICK_IMAGES = ["chelsea", "coffee", "rocket"]
 
 
 def parse_args():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = map_arguments(__doc__, f"objects of {QUICK_IMAGES}", "pointing_game")
     p.add_argument("--boxes", default=str(BOXES), help="hand-annotated boxes (original-image pixels)")
-    p.add_argument("--images", nargs="*", help="only objects of these photos (default: all)")
-    p.add_argument("--n-permutations", type=int, default=256, help="Shap-CAM permutations K per image")
-    p.add_argument("--seed", type=int, default=0, help="Shap-CAM permutation seed")
-    p.add_argument("--random-maps", type=int, default=20, help="random 7x7 reference maps per object")
     p.add_argument("--max-area", type=float, default=0.5,
                    help="the paper's subset: objects covering at most this share of the input")
-    p.add_argument("--scorecam-batch", type=int, default=64, help="masked inputs per ScoreCAM forward pass")
-    p.add_argument("--cache-dir", default="/tmp/shapcam_experiments_cache", help="map cache ('' disables it)")
-    p.add_argument("--quick", action="store_true", help=f"objects of {QUICK_IMAGES}, K = 32, 5 random maps")
-    p.add_argument("--out", default=str(RESULTS / "pointing_game.json"))
-    p.add_argument("--figure", default=str(RESULTS / "pointing_game_maps.png"))
-    args = p.parse_args()
-    if args.quick:
-        args.images = args.images or QUICK_IMAGES
-        args.n_permutations, args.random_maps = 32, 5
-    return args
+    return parse_map_arguments(p, QUICK_IMAGES)
 
 
 def save_figure(path, objects, photos, maps, scores):
