@@ -12,7 +12,6 @@ split is used instead: correct, but the head reruns the whole model on every cal
 from __future__ import annotations
 
 import difflib
-import inspect
 import operator
 import warnings
 from dataclasses import dataclass
@@ -20,6 +19,8 @@ from typing import Any, Callable, Optional, Union
 
 import torch.fx as fx
 from torch import Tensor, nn
+
+from shapcam_ext.fxutils import ancestors, bound_arguments, descendants, extract
 
 __all__ = ["SplitModel", "TrunkOutput", "split_model", "module_name"]
 
@@ -152,79 +153,36 @@ def _mutates_first_arg(node: fx.Node, root: nn.Module) -> bool:
     name = getattr(node.target, "__name__", "")
     if name.endswith("_") and not name.endswith("__"):
         return True  # torch.relu_, torch.add_ ...
-    try:
-        return inspect.signature(node.target).bind(*node.args, **node.kwargs).arguments.get("inplace") is True
-    except (TypeError, ValueError):  # builtins without a signature
-        return node.kwargs.get("inplace") is True
+    arguments = bound_arguments(node)
+    return (arguments if arguments is not None else node.kwargs).get("inplace") is True
 
 
-def _partition(graph: fx.Graph, cut: fx.Node) -> tuple[list[fx.Node], list[fx.Node]]:
-    """Head nodes (graph order, output last) and held nodes (graph order) for a cut at ``cut``.
+def _data_dependent(graph: fx.Graph) -> set[fx.Node]:
+    """Nodes whose value depends on the input's data (metadata reads such as ``x.shape`` do not)."""
+    dependent: set[fx.Node] = set()
+    for node in graph.nodes:
+        if node.op == "placeholder" or (not _is_metadata(node) and any(i in dependent for i in node.all_input_nodes)):
+            dependent.add(node)
+    return dependent
 
-    The head takes every node that depends on the cut, plus whatever it uses that does not depend
-    on the input's data (parameters, constants, shape reads): those are cheap and must see the
-    head's batch. Anything else it uses is computed once by the trunk and held.
+
+def _held_values(graph: fx.Graph, cut: fx.Node) -> list[fx.Node]:
+    """The values the head needs that the trunk computes (in graph order), for a cut at ``cut``.
+
+    The head recomputes whatever it uses that does not depend on the input's data (parameters,
+    constants, shape reads): those are cheap and must see the head's batch. Anything else it uses
+    from before the cut is computed once by the trunk and held.
     """
-    after_cut: set[fx.Node] = set()
-    data_dep: set[fx.Node] = set()
-    for node in graph.nodes:
-        inputs = node.all_input_nodes
-        if node is cut or any(i in after_cut for i in inputs):
-            after_cut.add(node)
-        if node.op == "placeholder" or (not _is_metadata(node) and any(i in data_dep for i in inputs)):
-            data_dep.add(node)
-
+    before_cut = _data_dependent(graph) - descendants(cut)
     output = next(n for n in reversed(graph.nodes) if n.op == "output")
-    head = (after_cut - {cut}) | {output}
-    stack = list(head)
-    while stack:
-        for i in stack.pop().all_input_nodes:
-            if i not in head and i is not cut and i not in data_dep:
-                head.add(i)
-                stack.append(i)
-    held = {i for n in head for i in n.all_input_nodes if i not in head and i is not cut}
-    order = {n: k for k, n in enumerate(graph.nodes)}
-    return sorted(head, key=order.__getitem__), sorted(held, key=order.__getitem__)
+    used = ancestors([output], stop=before_cut | {cut})
+    return [node for node in graph.nodes if node in used and node in before_cut]
 
 
-def _copy(graph: fx.Graph, node: fx.Node, env: dict[fx.Node, fx.Node]) -> None:
-    env[node] = graph.node_copy(node, lambda n: env[n])
-
-
-def _trunk_graph(graph: fx.Graph, cut: fx.Node, held: list[fx.Node]) -> fx.Graph:
-    """The original graph's placeholders and the ancestors of (cut, *held), outputting those."""
-    needed: set[fx.Node] = set()
-    stack = [cut, *held]
-    while stack:
-        node = stack.pop()
-        if node not in needed:
-            needed.add(node)
-            stack.extend(node.all_input_nodes)
-    trunk: fx.Graph = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {}
-    for node in graph.nodes:
-        if node.op == "placeholder" or node in needed:
-            _copy(trunk, node, env)
-    trunk.output((env[cut], *(env[h] for h in held)))
-    return trunk
-
-
-def _head_graph(graph_nodes: list[fx.Node], cut: fx.Node, held: list[fx.Node], root: nn.Module) -> fx.Graph:
-    head: fx.Graph = fx.Graph()
-    env = {cut: head.placeholder("activation")}
-    env.update({h: head.placeholder(f"held_{k}") for k, h in enumerate(held)})
-    for node in graph_nodes:
-        if node.op == "output":
-            head.output(fx.map_arg(node.args[0], env.__getitem__))
-        else:
-            _copy(head, node, env)
-    _protect_inputs(head, root)
-    return head
-
-
-def _protect_inputs(graph: fx.Graph, root: nn.Module) -> None:
+def _protect_inputs(head: fx.GraphModule, root: nn.Module) -> None:
     """Clone placeholders that an in-place op would overwrite (e.g. densenet's F.relu(inplace=True)
     right after ``features``), so the caller's activation and held tensors stay intact."""
+    graph = head.graph
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     first_op = next(n for n in graph.nodes if n.op != "placeholder")
     for ph in placeholders:
@@ -232,6 +190,7 @@ def _protect_inputs(graph: fx.Graph, root: nn.Module) -> None:
             with graph.inserting_before(first_op):
                 copy = graph.call_method("clone", (ph,))
             ph.replace_all_uses_with(copy, delete_user_cb=lambda user: user is not copy)
+    head.recompile()
 
 
 def _expand_held(held: tuple[Any, ...], n: int) -> tuple[Any, ...]:
@@ -287,9 +246,12 @@ def _fx_split(model: nn.Module, name: str) -> SplitModel:
     cuts = [n for n in graph.nodes if n.op == "call_module" and n.target == name]
     if len(cuts) != 1:
         raise _NotTraceable(f"the target layer {name!r} appears {len(cuts)} times in the traced graph, not once")
-    head_nodes, held = _partition(graph, cuts[0])
-    trunk_gm = fx.GraphModule(model, _trunk_graph(graph, cuts[0], held))
-    head_gm = fx.GraphModule(model, _head_graph(head_nodes, cuts[0], held, model))
+    held = _held_values(graph, cuts[0])
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    output = next(n for n in reversed(graph.nodes) if n.op == "output")
+    trunk_gm = extract(model, graph, placeholders, (cuts[0], *held))
+    head_gm = extract(model, graph, [cuts[0], *held], output.args[0])
+    _protect_inputs(head_gm, model)
     return SplitModel(_GraphTrunk(trunk_gm), _GraphHead(head_gm, len(held)), name, True, head_gm)
 
 

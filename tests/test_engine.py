@@ -6,7 +6,7 @@ from torch import nn
 
 from shapcam_ext import ShapCAM
 from shapcam_ext.engine import BatchError
-from shapcam_ext.exact import exact_shapley
+from exact import exact_shapley
 from shapcam_ext.targets import ClassifierOutputSoftmaxTarget, ClassifierOutputTarget
 
 

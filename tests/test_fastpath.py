@@ -9,7 +9,7 @@ import torchvision
 from torch import nn
 
 from shapcam_ext import ShapCAM
-from shapcam_ext.exact import exact_shapley
+from exact import exact_shapley
 from shapcam_ext.fastpath import pattern as fast_pattern
 from shapcam_ext.fastpath import prove
 from shapcam_ext.head import split_model

@@ -15,7 +15,6 @@ Module types are matched exactly, not by subclass: a subclass may override ``for
 """
 from __future__ import annotations
 
-import inspect
 import operator
 import warnings
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from shapcam_ext.fxutils import bound_arguments, descendants, extract
 from shapcam_ext.head import SplitModel
 
 NCHW, NHWC = "nchw", "nhwc"
@@ -145,7 +145,7 @@ def _prove(gm: fx.GraphModule) -> HeadPattern:
     graph = gm.graph
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     act = placeholders[0]
-    reads_act = _descendants(act)  # every node the activation reaches, metadata reads included
+    reads_act = descendants(act)  # every node the activation reaches, metadata reads included
     layouts = {act: NCHW}  # the body: values that are position-wise functions of the activation
     pool = None
     for node in graph.nodes:
@@ -178,11 +178,11 @@ def _prove(gm: fx.GraphModule) -> HeadPattern:
     tail_nodes = reads_act - set(layouts) - chain
     _check_inputs(tail_nodes, end, static)
     output = next(n for n in reversed(graph.nodes) if n.op == "output")
-    tail = None if output.args[0] is end else _sub_module(gm, end, tail_nodes - {output}, static, output.args[0])
+    tail = None if output.args[0] is end else extract(gm, graph, [end], output.args[0])
     local = gm.get_submodule(pool.target) if kind == "local" else None
     return HeadPattern(
-        pool=kind, body=_body_module(gm, placeholders, pool_input),
-        front=_sub_module(gm, pool_input, chain, static, end), tail=tail, linear=linear,
+        pool=kind, body=extract(gm, graph, placeholders, pool_input),
+        front=extract(gm, graph, [pool_input], end), tail=tail, linear=linear,
         local_pool=local, window=_pair(local.kernel_size) if local is not None else (1, 1), adaptive=adaptive,
     )
 
@@ -194,24 +194,6 @@ def _check_inputs(nodes: set, source: fx.Node, static: set) -> None:
             if value not in nodes and value is not source and value not in static:
                 raise NotProven(f"{node.name} reads {value.name}, which is neither {source.name} (or computed from "
                                 "it) nor a parameter")
-
-
-def _reachable(roots: list[fx.Node], step: Callable[[fx.Node], object]) -> set[fx.Node]:
-    seen, stack = set(roots), list(roots)
-    while stack:
-        for node in step(stack.pop()):
-            if node not in seen:
-                seen.add(node)
-                stack.append(node)
-    return seen
-
-
-def _descendants(root: fx.Node) -> set[fx.Node]:
-    return _reachable([root], lambda node: node.users)
-
-
-def _ancestors(roots: list[fx.Node]) -> set[fx.Node]:
-    return _reachable(roots, lambda node: node.all_input_nodes)
 
 
 def _static_nodes(graph: fx.Graph) -> set[fx.Node]:
@@ -243,22 +225,13 @@ def _pair(value) -> tuple[int, int]:
     return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
 
 
-def _bound_arguments(node: fx.Node) -> Optional[dict]:
-    try:
-        bound = inspect.signature(node.target).bind(*node.args, **node.kwargs)
-    except (TypeError, ValueError):
-        return None
-    bound.apply_defaults()
-    return bound.arguments
-
-
 def _is_identity(node: fx.Node, gm: fx.GraphModule) -> bool:
     """Identity, eval-mode dropout or stochastic depth, and copies."""
     if node.op == "call_module":
         module = gm.get_submodule(node.target)
         return type(module) is nn.Identity or (type(module) in _DROPOUT_MODULES and not module.training)
     if node.op == "call_function" and node.target in _TRAINING_FLAG_FUNCTIONS:
-        arguments = _bound_arguments(node)
+        arguments = bound_arguments(node)
         return arguments is not None and arguments.get("training") is False
     return node.op == "call_method" and node.target in ("clone", "contiguous")
 
@@ -311,7 +284,7 @@ def _rule(node: fx.Node, gm: fx.GraphModule):
         return _permute_rule(node.args[1] if len(node.args) > 1 else node.kwargs.get("dims"))
     if node.target in _LINEAR_FUNCTIONS:
         return NHWC
-    arguments = _bound_arguments(node)
+    arguments = bound_arguments(node)
     if arguments is None:
         return None
     if node.target in _LAYER_NORM_FUNCTIONS and len(_pair1(arguments["normalized_shape"])) == 1:
@@ -454,29 +427,3 @@ def _adaptive_pool(node: fx.Node, gm: fx.GraphModule) -> Optional[Callable]:
         if not isinstance(size, fx.Node):
             return lambda x: F.adaptive_avg_pool2d(x, size)
     return None
-
-
-# ---------------------------------------------------------------------------- sub-graphs
-
-
-def _copy_nodes(gm: fx.GraphModule, graph: fx.Graph, keep: set, env: dict) -> None:
-    for node in gm.graph.nodes:
-        if node in keep and node not in env:
-            env[node] = graph.node_copy(node, lambda n: env[n])
-
-
-def _body_module(gm: fx.GraphModule, placeholders: list, pool_input: fx.Node) -> fx.GraphModule:
-    graph = fx.Graph()
-    env = {p: graph.placeholder(p.name) for p in placeholders}
-    _copy_nodes(gm, graph, _ancestors([pool_input]), env)
-    graph.output(env[pool_input])
-    return fx.GraphModule(gm, graph)
-
-
-def _sub_module(gm: fx.GraphModule, source: fx.Node, nodes: set, static: set, result) -> fx.GraphModule:
-    """The graph from ``source`` (its one input) through ``nodes`` and the parameters they use to ``result``."""
-    graph = fx.Graph()
-    env = {source: graph.placeholder(source.name)}
-    _copy_nodes(gm, graph, nodes | (_ancestors(list(nodes)) & static), env)
-    graph.output(fx.map_arg(result, env.__getitem__))
-    return fx.GraphModule(gm, graph)

@@ -1,6 +1,7 @@
 """Exact Shapley values by enumerating all 2^n coalitions (equation 3 of the paper).
 
-Independent of the permutation machinery, so the tests can hold the estimator to it.
+Independent of the permutation machinery, so the tests can hold the estimator to it. Only the
+tests use it, so it lives with them.
 """
 from __future__ import annotations
 
