@@ -7,13 +7,14 @@ scaled maps, scaled again. Code written for pytorch-grad-cam switches by changin
 """
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Sequence, Union
+from typing import Any, Callable, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
-from shapcam_ext.engine import SamplingConfig, ShapleyEngine, ShapleyResult, _check_device
+from shapcam_ext.engine import SamplingConfig, ShapleyEngine, ShapleyResult
 from shapcam_ext.head import split_model
+from shapcam_ext.model_state import eval_semantics
 from shapcam_ext.postprocess import scale_cam_image
 from shapcam_ext.targets import Target
 
@@ -23,17 +24,26 @@ Layer = Union[torch.nn.Module, str]
 class ShapCAM:
     """Shap-CAM with pytorch-grad-cam's interface.
 
+    The model is never modified: it is traced and explained under eval semantics (batch norm on
+    its running statistics, dropout off, no autograd), and every module's mode is restored
+    afterwards, so parameters and buffers stay bit-identical and a model in training mode gets
+    the maps of its evaluation mode.
+
     Args:
-        model: the network, in eval mode.
-        target_layers: modules (or qualified names) whose output positions are the players.
-        reshape_transform: maps a non-4-D activation (e.g. ViT tokens) to (B, C, h, w).
+        model: the network.
+        target_layers: a list of modules (or qualified names) whose output positions are the
+            players; several layers' maps are averaged as pytorch-grad-cam does.
+        reshape_transform: maps a non-4-D activation (e.g. ViT tokens) to (B, C, h, w); it must
+            only rearrange elements (pytorch-grad-cam's ViT and Swin transforms do).
         n_permutations, antithetic, seed, tolerance, exact, baseline, group_size,
         memory_budget, batch_size, fast_path: see :class:`shapcam_ext.engine.SamplingConfig`.
+            With ``group_size`` g, g x g positions form one player.
         head: the model from the target layer on, when it can't be extracted automatically.
         progress: show a progress bar over permutations.
 
     Raises:
-        ValueError: a target layer not in the model, bad sampling settings.
+        ValueError / TypeError: target layers that are not a list of this model's modules or
+            names, bad sampling settings.
     """
 
     def __init__(
@@ -55,8 +65,10 @@ class ShapCAM:
         head: Optional[Callable] = None,
         progress: bool = False,
     ):
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.model = model
-        self.target_layers = list(target_layers)
+        self.target_layers = _check_target_layers(target_layers)
         self.reshape_transform = reshape_transform
         self.config = SamplingConfig(
             n_permutations=n_permutations, antithetic=antithetic, seed=seed, tolerance=tolerance, exact=exact,
@@ -64,21 +76,25 @@ class ShapCAM:
             fast_path=fast_path,
         )
         self.config.validate()
-        self.engines = [
-            ShapleyEngine(split_model(model, layer, head), self.config, reshape_transform, progress)
-            for layer in self.target_layers
-        ]
-        self.outputs: Optional[torch.Tensor] = None
+        with eval_semantics(model):  # trace what evaluation runs, whatever the model's mode
+            splits = [split_model(model, layer, head) for layer in self.target_layers]
+        self.engines = [ShapleyEngine(model, split, self.config, reshape_transform, progress) for split in splits]
+        self.outputs: Any = None
 
     def explain(self, input_tensor: torch.Tensor, targets: Optional[Sequence[Target]] = None,
                 layer: int = 0) -> List[ShapleyResult]:
         """Full results (signed map, standard errors, efficiency, timing) for one target layer.
 
+        Args:
+            input_tensor: (B, ...) batch on the model's device.
+            targets: one pytorch-grad-cam-style target per image (a callable on one image's
+                output), or None for each image's top class with its softmax probability.
+            layer: index into ``target_layers``.
+
         Raises:
-            ValueError: targets not matching the batch, input and model on different devices.
+            TypeError / ValueError: input or targets that do not fit the model, named.
             shapcam_ext.engine.BatchError: some images failed (its ``results`` has the rest).
         """
-        _check_device(self.model, input_tensor)
         results, self.outputs = self.engines[layer].explain(input_tensor, targets)
         return results
 
@@ -96,6 +112,30 @@ class ShapCAM:
 
     def __call__(self, input_tensor: torch.Tensor, targets: Optional[Sequence[Target]] = None,
                  aug_smooth: bool = False, eigen_smooth: bool = False) -> np.ndarray:
+        """Shap-CAM maps of a batch, post-processed like pytorch-grad-cam's.
+
+        Example::
+
+            from shapcam_ext import ShapCAM, ClassifierOutputSoftmaxTarget
+
+            with ShapCAM(model=model, target_layers=[model.layer4[-1]]) as cam:
+                maps = cam(input_tensor=x, targets=[ClassifierOutputSoftmaxTarget(281)])
+            # maps: (B, H, W) float32 in [0, 1], one per image, at the input's resolution
+
+        Args:
+            input_tensor: (B, C, H, W) batch on the model's device.
+            targets: one target per image (any pytorch-grad-cam target), or None for each
+                image's top class scored by its softmax probability (the paper's Y^c).
+            aug_smooth, eigen_smooth: pytorch-grad-cam options that have no Shapley counterpart;
+                True raises ValueError.
+
+        Returns:
+            (B, H, W) float32 numpy array: ReLU, min-max per image, resized to the input.
+
+        Raises:
+            TypeError / ValueError: bad input, targets or options, named with the fix.
+            shapcam_ext.engine.BatchError: some images failed; the others are in its ``results``.
+        """
         if aug_smooth:
             raise ValueError("aug_smooth is not supported by ShapCAM; average several calls yourself.")
         return self.forward(input_tensor, targets, eigen_smooth)
@@ -106,3 +146,23 @@ class ShapCAM:
     def __exit__(self, exc_type, exc_value, traceback) -> None:
         # Nothing to release: no hooks stay registered between calls.
         return None
+
+
+def _check_target_layers(target_layers: Any) -> list:
+    """The layers as a list, or a one-line error naming what is wrong and the fix."""
+    if isinstance(target_layers, (str, torch.nn.Module)):
+        example = repr(target_layers) if isinstance(target_layers, str) else "model.layer4"
+        raise TypeError(f"target_layers must be a list of layers, got a single {type(target_layers).__name__}; "
+                        f"wrap it in a list: target_layers=[{example}]")
+    try:
+        layers = list(target_layers)
+    except TypeError:
+        raise TypeError(f"target_layers must be a list of modules or qualified names, got "
+                        f"{type(target_layers).__name__}") from None
+    if not layers:
+        raise ValueError("target_layers is empty; pass at least one layer, e.g. [model.layer4]")
+    for layer in layers:
+        if not isinstance(layer, (str, torch.nn.Module)):
+            raise TypeError(f"each target layer must be a module of the model or its qualified name, got "
+                            f"{type(layer).__name__} {layer!r}; e.g. [model.layer4] or ['layer4']")
+    return layers

@@ -1,45 +1,59 @@
 """The Shapley estimator: sampled permutations of feature-map positions, walked through the head.
 
-One engine serves every public API (ShapCAM, the torchcam and Captum adapters, the CLI).
-For each image it runs the trunk once, then streams the masked prefixes of each sampled
-permutation through the head in chunks under a memory budget, and accumulates the marginal
-contributions with the compiled scatter op.
+One engine serves every public API (ShapCAM, the torchcam and Captum adapters, the CLI). For a
+batch it runs the trunk once; then, for each run of images, it streams permutations in rounds,
+evaluates the masked prefixes of each permutation with the head (or walks a proven fast path)
+and accumulates the marginal contributions with the compiled ops, on the model's device, until
+the permutations are spent or the tolerance is met.
 """
 from __future__ import annotations
 
+import logging
+import math
+import numbers
 import time
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Sequence
+from typing import Any, List, Optional, Sequence
 
 import numpy as np
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 from tqdm.auto import tqdm
 
 from shapcam_ext import fastpath, ops
 from shapcam_ext._backend import backend_info
 from shapcam_ext.head import SplitModel
+from shapcam_ext.memory import MemoryPlanner, cost_per_unit
+from shapcam_ext.model_state import eval_semantics
 from shapcam_ext.players import PlayerGrid
 from shapcam_ext.postprocess import scale_cam_image
-from shapcam_ext.sampling import all_permutations, sample_permutations
-from shapcam_ext.targets import Target, resolve_targets, score
+from shapcam_ext.sampling import ExhaustiveStream, PermutationStream
+from shapcam_ext.statistics import RunningEstimate
+from shapcam_ext.targets import Scorer, Target, resolve_targets
+
+logger = logging.getLogger("shapcam_ext")
 
 MiB = 1 << 20
+LONG_RUN_SECONDS = 60.0  # runs projected to take longer announce their cost first
+MAX_SEED = 2**64
 
 
 @dataclass
 class SamplingConfig:
     """How the Shapley values are estimated.
 
-    n_permutations: permutations to sample (the cap when ``tolerance`` is set).
+    n_permutations: permutations to sample (the cap when ``tolerance`` is set); rounded up to a
+        whole number of antithetic pairs.
     antithetic: sample each permutation together with its reverse.
-    seed: seeds the permutations; the same seed gives bit-identical maps on the CPU.
-    tolerance: stop once max standard error / max |value| falls below it (checked per round).
+    seed: seeds the permutations (an int in [0, 2**64)); the same seed gives bit-identical maps
+        on the CPU. None draws a fresh seed.
+    tolerance: stop once the relative L2 error of every image's signed map is below it with 90%
+        confidence (checked at a few points, see :mod:`shapcam_ext.statistics`).
     exact: average over all n! orders instead of sampling (n <= 8 players).
-    baseline: value of removed positions; a scalar or a tensor broadcastable to (C, h, w).
-    group_size: g fuses g x g positions into one player, for large maps.
-    memory_budget: bytes one chunk of head evaluations may use.
+    baseline: value of removed positions; a finite scalar or a tensor broadcastable to (C, h, w).
+    group_size: g fuses g x g positions into one player, for large maps. The map then holds one
+        Shapley value per g x g cell (``ShapleyResult.shapley``); ``feature_map`` repeats each
+        cell's value over its positions for display.
+    memory_budget: bytes one chunk of work may allocate.
     batch_size: head evaluations per chunk; overrides the budget-derived chunk size.
     fast_path: use an exact shortcut when the head's graph proves one applies (pooled or
         local-pool heads, see :mod:`shapcam_ext.fastpath`); False forces the generic path.
@@ -54,35 +68,63 @@ class SamplingConfig:
     group_size: int = 1
     memory_budget: int = 1024 * MiB
     batch_size: Optional[int] = None
-    round_size: int = 64
     fast_path: bool = True
 
     def validate(self) -> None:
-        if self.n_permutations < 1:
-            raise ValueError(f"n_permutations must be >= 1, got {self.n_permutations}")
-        if self.tolerance is not None and not self.tolerance > 0:
-            raise ValueError(f"tolerance must be > 0, got {self.tolerance}; use None for a fixed n_permutations")
-        if self.batch_size is not None and self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.memory_budget <= 0:
-            raise ValueError(f"memory_budget must be a positive number of bytes, got {self.memory_budget}")
+        """Raises TypeError for a wrong type, ValueError for a value out of range; each names the
+        setting and what it should be."""
+        _check_int("n_permutations", self.n_permutations, minimum=1)
+        _check_int("group_size", self.group_size, minimum=1)
+        _check_int("memory_budget", self.memory_budget, minimum=1, unit="bytes")
+        if self.batch_size is not None:
+            _check_int("batch_size", self.batch_size, minimum=1)
+        if self.seed is not None:
+            _check_int("seed", self.seed, minimum=0)
+            if self.seed >= MAX_SEED:
+                raise ValueError(f"seed must be below 2**64, got {self.seed}; pass a smaller seed")
+        for name in ("antithetic", "exact", "fast_path"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.tolerance is not None:
+            if isinstance(self.tolerance, bool) or not isinstance(self.tolerance, numbers.Real):
+                raise TypeError(f"tolerance must be a number, got {type(self.tolerance).__name__}")
+            if not 0 < self.tolerance < math.inf:
+                raise ValueError(f"tolerance must be > 0, got {self.tolerance}; use None for a fixed n_permutations")
+            if self.exact:
+                raise ValueError("exact=True has no sampling error to stop on; drop tolerance (or exact)")
+        baseline = torch.as_tensor(self.baseline) if not isinstance(self.baseline, torch.Tensor) else self.baseline
+        if not baseline.is_floating_point() and baseline.dtype not in (torch.int64, torch.int32, torch.bool):
+            raise TypeError(f"baseline must be a number or a float tensor, got {baseline.dtype}")
+        if not bool(torch.isfinite(baseline.float()).all()):
+            raise ValueError("baseline has NaN or Inf values; pass a finite baseline (0 removes a position)")
 
 
-@dataclass
+def _check_int(name: str, value: Any, minimum: int, unit: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int{' number of ' + unit if unit else ''}, got "
+                        f"{type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+@dataclass(repr=False)
 class ShapleyResult:
     """Shap-CAM of one image at one target layer.
 
     shapley: (H, W) signed Shapley value of each player (float64, CPU); sums to
-        value_full - value_empty up to ``efficiency_gap``.
-    std_error: (H, W) standard error of each value (i.i.d. formula; conservative for
-        antithetic pairs, whose members are negatively correlated).
+        value_full - value_empty up to ``efficiency_gap``. With group_size g, one value per
+        g x g cell of the feature map.
+    std_error: (H, W) standard error of each value over independent units (antithetic pairs
+        count as one); zeros for exact enumeration; None when undefined (a single unit).
     value_full / value_empty: the target's score with every / no position kept.
     path: how the coalitions were evaluated: "generic" (the head on masked maps), or an exact
         fast path: "pooled-linear", "pooled" or "local-pool-linear".
+    feature_map: (h, w) the values over the feature map's positions (a grouped player's value
+        on each of its positions), for display.
     """
 
     shapley: torch.Tensor
-    std_error: torch.Tensor
+    std_error: Optional[torch.Tensor]
     value_full: float
     value_empty: float
     efficiency_gap: float
@@ -91,16 +133,24 @@ class ShapleyResult:
     seconds: float
     layer: str
     target: Target
-    feature_map: torch.Tensor = field(repr=False, default=None)  # shapley spread over (h, w)
+    feature_map: torch.Tensor = field(default=None)
     path: str = "generic"
 
     @property
-    def max_std_error(self) -> float:
-        return float(self.std_error.max())
+    def max_std_error(self) -> Optional[float]:
+        """The largest standard error, or None when it is undefined."""
+        return None if self.std_error is None else float(self.std_error.max())
 
     def cam_image(self, size: Optional[tuple] = None) -> np.ndarray:
         """The map as ShapCAM returns it: ReLU, min-max to [0, 1], resized to size = (width, height)."""
         return scale_cam_image(self.feature_map[None].clamp_min(0), size)[0]
+
+    def __repr__(self) -> str:
+        h, w = self.shapley.shape
+        se = "undefined" if self.std_error is None else f"{self.max_std_error:.2g}"
+        return (f"ShapleyResult(layer={self.layer!r}, {h}x{w} players, path={self.path!r}, "
+                f"sum={self.value_full - self.value_empty:+.4g} (full {self.value_full:.4g}, empty "
+                f"{self.value_empty:.4g}), K={self.n_permutations}, max SE {se}, {self.seconds:.3g} s)")
 
 
 class BatchError(ValueError):
@@ -113,31 +163,19 @@ class BatchError(ValueError):
         self.results = results
 
 
-class _AllocationCounter(TorchDispatchMode):
-    """Sums the bytes of the new storage every op returns (views are free): an upper bound on
-    a call's memory, since nothing is counted as freed."""
-
-    def __init__(self):
-        super().__init__()
-        self.bytes = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inputs = {_storage(t) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
-        new = {_storage(t): t.untyped_storage().nbytes() for t in tree_leaves(out) if isinstance(t, torch.Tensor)}
-        self.bytes += sum(size for storage, size in new.items() if storage not in inputs)
-        return out
-
-
-def _storage(t: torch.Tensor) -> int:
-    return t.untyped_storage().data_ptr()
-
-
-def _check_device(model: torch.nn.Module, input_tensor: torch.Tensor) -> None:
+def check_input(input_tensor: Any, model: torch.nn.Module) -> None:
+    """Raises TypeError / ValueError (one line, naming the fix) for input the model cannot take."""
+    if not isinstance(input_tensor, torch.Tensor):
+        fix = "torch.from_numpy(x)" if isinstance(input_tensor, np.ndarray) else "torch.as_tensor(x)"
+        raise TypeError(f"input_tensor must be a torch.Tensor, got {type(input_tensor).__name__}; convert it "
+                        f"with {fix} (a batch: (B, C, H, W))")
+    if input_tensor.dim() == 0 or input_tensor.shape[0] == 0:
+        raise ValueError(f"input_tensor has no images (shape {tuple(input_tensor.shape)}); pass a batch of at "
+                         "least one, e.g. x[None] for a single (C, H, W) image")
     param = next(model.parameters(), None)
     if param is not None and param.device != input_tensor.device:
         raise ValueError(
-            f"input_tensor is on {input_tensor.device} but the model is on {param.device}; "
+            f"input_tensor is on {input_tensor.device} but the model's parameters are on {param.device}; "
             f"move the input with input_tensor.to('{param.device}')"
         )
 
@@ -145,197 +183,259 @@ def _check_device(model: torch.nn.Module, input_tensor: torch.Tensor) -> None:
 class ShapleyEngine:
     """Estimates Shap-CAM maps for one split model (one target layer)."""
 
-    def __init__(self, split: SplitModel, config: SamplingConfig, reshape_transform: Optional[Callable] = None,
-                 progress: bool = False):
+    def __init__(self, model: torch.nn.Module, split: SplitModel, config: SamplingConfig,
+                 reshape_transform=None, progress: bool = False):
         config.validate()
+        self.model = model
         self.split = split
         self.config = config
         self.reshape_transform = reshape_transform
         self.progress = progress
         # The head's fast pattern, or None with the reason it is not proven.
-        self.fast_pattern, self.fast_reason = fastpath.prove(split) if config.fast_path else (None, "fast_path=False")
+        with eval_semantics(model):
+            self.fast_pattern, self.fast_reason = (
+                fastpath.prove(split) if config.fast_path else (None, "fast_path=False"))
 
-    @torch.no_grad()
     def explain(self, input_tensor: torch.Tensor, targets: Optional[Sequence[Target]] = None) -> tuple:
-        """Shapley maps of a batch.
+        """Shapley maps of a batch, under eval semantics (the model's modes are restored).
 
-        Returns (results, logits): one ShapleyResult per image and the model's output.
-        Raises BatchError (with the other images' results) if some images fail, e.g. on
-        NaN/Inf activations; ValueError for bad targets, shapes or settings.
+        Returns (results, outputs): one ShapleyResult per image and the model's output.
+
+        Raises:
+            BatchError: some images failed (non-finite activations or worths); its ``results``
+                holds the others.
+            TypeError / ValueError: input, targets or settings that cannot work, named.
         """
+        check_input(input_tensor, self.model)
         start = time.perf_counter()
-        trunk = self.split.trunk(input_tensor)
-        act = trunk.activation
-        grid = PlayerGrid(act, self.reshape_transform, self.config.group_size)
-        logits = self.split.head(act, *trunk.held)
-        targets = resolve_targets(targets, logits)
-        finite = torch.isfinite(act.flatten(1)).all(1).tolist()
-        failures = {
-            i: "the target layer's activation has NaN or Inf values; check the input and the model's weights"
-            for i, ok in enumerate(finite) if not ok
-        }
-        good = [i for i, ok in enumerate(finite) if ok]
-        results: List[Optional[ShapleyResult]] = [None] * act.shape[0]
-        for images in _runs(good):
-            results[images] = self._explain_images(grid, trunk.held, targets, images, start)
+        with eval_semantics(self.model):
+            trunk = self.split.trunk(input_tensor)
+            batch = input_tensor.shape[0]
+            outputs = self.split.head(trunk.activation, *trunk.held)
+            targets = resolve_targets(targets, outputs, batch)
+            grid = PlayerGrid(trunk.activation, self.reshape_transform, self.config.group_size)
+            baseline = grid.baseline(self.config.baseline)
+            finite = torch.isfinite(grid.players.flatten(1)).all(1).tolist()
+            failures = {
+                i: "the target layer's activation has NaN or Inf values; check the input and the model's weights"
+                for i, ok in enumerate(finite) if not ok
+            }
+            results: List[Optional[ShapleyResult]] = [None] * batch
+            for images in _runs([i for i, ok in enumerate(finite) if ok]):
+                group = _ImageGroup(self, grid, trunk.held, batch, targets, baseline, images)
+                for i, outcome in zip(range(images.start, images.stop), group.run(start)):
+                    if isinstance(outcome, str):
+                        failures[i] = outcome
+                    else:
+                        results[i] = outcome
         if failures:
-            raise BatchError(failures, results)
-        return results, logits
+            raise BatchError(dict(sorted(failures.items())), results)
+        return results, outputs
 
-    def _explain_images(self, grid, held, targets, images: slice, start) -> List[ShapleyResult]:
+
+class _ImageGroup:
+    """One run of images explained together: they share permutations and head chunks."""
+
+    def __init__(self, engine: ShapleyEngine, grid: PlayerGrid, held: tuple, batch: int,
+                 targets: List[Target], baseline: torch.Tensor, images: slice):
+        self.engine, self.grid, self.images = engine, grid, images
+        self.config = engine.config
+        self.players = grid.players[images]
+        # Which held values are batched like the input (tensors of the head's batch); the rest
+        # (None, flags, unbatched tensors) pass through unchanged.
+        self.batched = tuple(isinstance(h, torch.Tensor) and h.dim() > 0 and h.shape[0] == batch for h in held)
+        self.held = _select_images(held, self.batched, images)
+        self.targets = targets[images]
+        self.baseline = baseline[images] if baseline.dim() else baseline
+        self.batch = images.stop - images.start
+        self.n = self.players.shape[-1] * self.players.shape[-2]
+        self.device = self.players.device
+        self.scorer = Scorer()
+        self.planner = MemoryPlanner(self.config.memory_budget, self.config.batch_size)
+
+    def worth(self, masked: torch.Tensor, sub: slice) -> torch.Tensor:
+        """Scores (len(sub), rows per image) of masked player grids of images ``sub`` of this group."""
+        absolute = slice(self.images.start + sub.start, self.images.start + sub.stop)
+        images = sub.stop - sub.start
+        out = self.engine.split.head(self.grid.head_input(masked, absolute),
+                                     *_select_images(self.held, self.batched, sub))
+        return self.scorer(self.targets[sub], out, masked.shape[0] // images)
+
+    def run(self, start: float) -> list:
+        """A ShapleyResult, or the failure message, per image of the group."""
         cfg = self.config
-        players = grid.players[images]
-        held = tuple(h[images] for h in held)
-        targets = targets[images]
-        baseline = grid.baseline(cfg.baseline)
-        if baseline.dim():
-            baseline = baseline[images]
-        b, n = players.shape[0], players.shape[-1] * players.shape[-2]
+        everyone = slice(0, self.batch)
+        base_map = self.baseline.expand_as(self.players)
+        ends = self.worth(torch.stack([base_map, self.players], 1).flatten(0, 1), everyone)  # (b, 2)
+        walk = None
+        if self.engine.fast_pattern is not None:
+            walk = fastpath.prepare(self.engine.fast_pattern, self.engine.split.head, self.grid, self.players,
+                                    self.held, self.targets, self.baseline, self.planner, self.scorer)
+        stream = (ExhaustiveStream(self.n, self.device) if cfg.exact
+                  else PermutationStream(self.n, cfg.antithetic, cfg.seed, self.device))
+        estimate = RunningEstimate(self.batch, self.n, stream.unit_size, self.device, stream.exhaustive)
+        unit = stream.unit_size
+        total = stream.total if stream.exhaustive else -(-cfg.n_permutations // unit) * unit
+        accumulate = walk if walk is not None else _GenericPath(self)
+        per_round = max(unit, accumulate.permutations_per_round(unit) // unit * unit)
+        schedule = _StopSchedule(cfg.tolerance, unit, total)
+        announcer = _CostAnnouncer(self, total, accumulate.coalitions_per_permutation)
+        bar = tqdm(total=total, desc="permutations", unit="perm", disable=not self.engine.progress, leave=False)
+        with bar:
+            while estimate.permutations < total:
+                count = min(per_round, total - estimate.permutations, schedule.next_check - estimate.permutations)
+                perms = stream.take(count)
+                tick = time.perf_counter()
+                accumulate(perms, estimate)
+                estimate.permutations += count
+                bar.update(count)
+                announcer.observe(count, time.perf_counter() - tick)
+                if estimate.permutations >= schedule.next_check and schedule.stop(estimate):
+                    break
+        return self._results(estimate, ends, walk, start)
 
-        def worth(masked: torch.Tensor, sub: slice) -> torch.Tensor:
-            """Scores (len(sub), rows per image) of masked grids of images ``sub`` of this run."""
-            absolute = slice(images.start + sub.start, images.start + sub.stop)
-            out = self.split.head(grid.head_input(masked, absolute), *(h[sub] for h in held))
-            return score(targets[sub], out.view((sub.stop - sub.start, -1) + tuple(out.shape[1:])))
-
-        everyone = slice(0, b)
-        ends = torch.stack([  # (b, 2): the worth of the empty and of the full coalition
-            worth(ops.masked_prefixes(players, _identity_perm(n, players.device), baseline, prefix_range=(t, t + 1)),
-                  everyone)[:, 0]
-            for t in (0, n)
-        ], 1).double().cpu()
-        walk = self._fast_walk(grid, players, held, targets, baseline)
-        rows = None if walk is not None else self._rows_per_chunk(grid, players, held, images)
-
-        phi = torch.zeros(b, n, dtype=torch.float64, device=players.device)
-        phi_sq = torch.zeros_like(phi)
-        done = 0
-        for perms in self._permutation_rounds(n):
-            perms = perms.to(players.device)
-            if walk is not None:
-                walk(perms, phi, phi_sq)
-            else:
-                self._accumulate(players, baseline, perms, worth, rows, phi, phi_sq)
-            done += perms.shape[0]
-            if cfg.tolerance is not None and _relative_error(phi, phi_sq, done).max() < cfg.tolerance:
-                break
-        mean, std_error = _mean_and_standard_error(phi.cpu(), phi_sq.cpu(), done)
+    def _results(self, estimate: RunningEstimate, ends: torch.Tensor, walk, start: float) -> list:
+        mean = estimate.mean()
+        se = estimate.std_error()
+        finite = (torch.isfinite(mean).all(1) & torch.isfinite(estimate.total_sq).all(1)
+                  & torch.isfinite(ends).all(1)).tolist()
+        mean, ends = mean.cpu(), ends.double().cpu()
+        se = None if se is None else se.cpu()
         seconds = time.perf_counter() - start
-        h, w = players.shape[-2:]
-        out = []
-        for i in range(b):
+        h, w = self.players.shape[-2:]
+        out: list = []
+        for i in range(self.batch):
+            if not finite[i]:
+                out.append("the target's score is NaN or Inf for some coalitions (check the model's weights and "
+                           "the target); no map was made")
+                continue
             empty, full = ends[i].tolist()
             shapley = mean[i].view(h, w)
             out.append(ShapleyResult(
                 shapley=shapley,
-                std_error=std_error[i].view(h, w),
+                std_error=None if se is None else se[i].view(h, w),
                 value_full=full,
                 value_empty=empty,
                 efficiency_gap=abs(float(mean[i].sum()) - (full - empty)),
-                n_permutations=done,
+                n_permutations=estimate.permutations,
                 backend=backend_info()["backend"],
                 seconds=seconds,
-                layer=self.split.layer_name,
-                target=targets[i],
-                feature_map=grid.to_map(shapley),
+                layer=self.engine.split.layer_name,
+                target=self.targets[i],
+                feature_map=self.grid.to_map(shapley),
                 path="generic" if walk is None else walk.path,
             ))
         return out
 
-    def _fast_walk(self, grid, players, held, targets, baseline) -> Optional[fastpath.RunningWalk]:
-        """The exact fast path for these images, or None for the generic path."""
-        cfg = self.config
-        if self.fast_pattern is None:
-            return None
-        return fastpath.prepare(self.fast_pattern, self.split.head, grid, players, held, targets, baseline,
-                                cfg.memory_budget, cfg.batch_size, _allocated_bytes)
 
-    def _permutation_rounds(self, n: int):
-        """Yields blocks of permutations; one block unless a tolerance asks for rounds."""
-        cfg = self.config
-        if cfg.exact:
-            yield all_permutations(n)
-            return
-        generator = torch.Generator()
-        if cfg.seed is None:
-            generator.seed()
+class _GenericPath:
+    """Runs the head on the masked prefixes of each permutation, in chunks under the budget.
+
+    Whole permutations of several images go together when they fit; otherwise fewer images, then
+    fewer permutations, then a range of prefix lengths per chunk.
+    """
+
+    def __init__(self, group: _ImageGroup):
+        self.group = group
+        n, players = group.n, group.players
+        self.coalitions_per_permutation = group.batch * (n + 1)
+
+        def run(rows: int):
+            masked = players[:1].expand((rows,) + players.shape[1:]).contiguous()
+            return lambda: group.worth(masked, slice(0, 1))
+
+        if group.planner.batch_size is not None:
+            self.rows = group.planner.batch_size
         else:
-            generator.manual_seed(cfg.seed)
-        perms = sample_permutations(n, cfg.n_permutations, generator, cfg.antithetic)
-        step = perms.shape[0] if cfg.tolerance is None else cfg.round_size + cfg.round_size % 2
-        bar = tqdm(total=perms.shape[0], desc="permutations", unit="perm", disable=not self.progress, leave=False)
-        with bar:
-            for start in range(0, perms.shape[0], step):
-                block = perms[start:start + step]
-                yield block
-                bar.update(block.shape[0])
+            fixed, per_row = cost_per_unit(run)
+            self.rows = group.planner.head_rows(per_row + players[:1].numel() * players.element_size(), fixed)
 
-    def _accumulate(self, players, baseline, perms, worth, rows, phi, phi_sq) -> None:
-        """Walks every permutation of ``perms`` through the head in chunks of at most ``rows``.
+    def permutations_per_round(self, unit: int) -> int:
+        """A round's prefix values (B, K, n+1) in float64 and its permutations stay under the budget."""
+        g = self.group
+        per_permutation = (g.batch * (g.n + 1) + g.n) * 8
+        return g.planner.units(per_permutation * unit, what="the prefix values of one unit of permutations") * unit
 
-        Whole permutations of several images go together when they fit; otherwise fewer
-        images, then fewer permutations, then a range of prefix lengths per chunk.
-        """
-        b, n, k = players.shape[0], players.shape[-1] * players.shape[-2], perms.shape[0]
-        per_group = max(1, min(b, rows // (n + 1)))
+    def __call__(self, perms: torch.Tensor, estimate: RunningEstimate) -> None:
+        g = self.group
+        b, n, k = g.batch, g.n, perms.shape[0]
+        values = torch.empty(b, k, n + 1, dtype=torch.float64, device=g.device)
+        per_group = max(1, min(b, self.rows // (n + 1)))
         for i0 in range(0, b, per_group):
             sub = slice(i0, min(b, i0 + per_group))
             images = sub.stop - sub.start
-            base = baseline[sub] if baseline.dim() else baseline
-            prefixes = max(1, min(n + 1, rows // images))
-            per_chunk = max(1, rows // (images * (n + 1)))
+            base = g.baseline[sub] if g.baseline.dim() else g.baseline
+            prefixes = max(1, min(n + 1, self.rows // images))
+            per_chunk = max(1, self.rows // (images * (n + 1)))
             for k0 in range(0, k, per_chunk):
                 k1 = min(k, k0 + per_chunk)
-                values = torch.empty(images, k1 - k0, n + 1, dtype=torch.float64, device=players.device)
                 for t0 in range(0, n + 1, prefixes):
                     t1 = min(n + 1, t0 + prefixes)
-                    masked = ops.masked_prefixes(players[sub], perms, base, (k0, k1), (t0, t1))
-                    values[:, :, t0:t1] = worth(masked, sub).view(images, k1 - k0, t1 - t0)
-                ops.scatter_marginals_(values, perms[k0:k1], phi[sub], phi_sq[sub])
-
-    def _rows_per_chunk(self, grid, players, held, images) -> int:
-        """Head evaluations per chunk: the user's batch_size, or what the memory budget allows."""
-        cfg = self.config
-        if cfg.batch_size is not None:
-            return cfg.batch_size
-        # Two calls separate the cost of one more row from per-call constants (weight copies).
-        image = slice(images.start, images.start + 1)
-        measured = [_allocated_bytes(lambda: self.split.head(
-            grid.head_input(players[:1].expand((rows,) + players.shape[1:]), image), *(h[:1] for h in held)))
-            for rows in (1, 2)]
-        per_row = max(measured[1] - measured[0], 0) + players[:1].numel() * players.element_size()
-        fixed = max(measured[0] - per_row, 0)
-        if fixed + per_row > cfg.memory_budget:
-            raise ValueError(
-                f"memory_budget of {cfg.memory_budget / MiB:.1f} MiB is too small for one head evaluation "
-                f"({(fixed + per_row) / MiB:.1f} MiB); raise memory_budget"
-            )
-        return (cfg.memory_budget - fixed) // per_row
+                    masked = ops.masked_prefixes(g.players[sub], base, perms, (k0, k1), (t0, t1))
+                    values[sub, k0:k1, t0:t1] = g.worth(masked, sub).view(images, k1 - k0, t1 - t0)
+        ops.scatter_marginals_(values, perms, estimate.total, estimate.total_sq, estimate.unit_size)
 
 
-def _allocated_bytes(fn: Callable[[], object]) -> int:
-    """Bytes allocated by the ops of one call of ``fn``."""
-    counter = _AllocationCounter()
-    with counter:
-        fn()
-    return counter.bytes
+class _StopSchedule:
+    """When to check the tolerance: each check reads the estimate back from the device, so checks
+    are few. After the first, the next is where the error, shrinking like 1/sqrt(K), should meet
+    the tolerance, at most four times further on."""
+
+    FIRST_UNITS = 16
+
+    def __init__(self, tolerance: Optional[float], unit: int, total: int):
+        self.tolerance, self.unit, self.total = tolerance, unit, total
+        self.next_check = total if tolerance is None else min(total, self.FIRST_UNITS * unit)
+
+    def stop(self, estimate: RunningEstimate) -> bool:
+        if self.tolerance is None:
+            return False
+        bound = estimate.relative_error_bound()
+        # NaN: the run has already failed; finishing it would not help.
+        if bool(((bound < self.tolerance) | bound.isnan()).all()):
+            return True
+        worst = float(bound.nan_to_num(nan=0.0).max())
+        done = estimate.permutations
+        needed = done * (worst / self.tolerance) ** 2 * 1.1 if math.isfinite(worst) else 2 * done
+        target = min(max(needed, done + self.unit), 4 * done, self.total)
+        self.next_check = int(-(-target // self.unit) * self.unit)
+        return False
 
 
-def _identity_perm(n: int, device) -> torch.Tensor:
-    return torch.arange(n, device=device).view(1, n)
+class _CostAnnouncer:
+    """Logs the projected cost of a long run once, measured on its first round."""
+
+    def __init__(self, group: _ImageGroup, total: int, coalitions_per_permutation: int):
+        self.group, self.total, self.per_permutation = group, total, coalitions_per_permutation
+        self.done = False
+
+    def observe(self, permutations: int, seconds: float) -> None:
+        if self.done:
+            return
+        self.done = True
+        projected = seconds / permutations * self.total
+        if projected <= LONG_RUN_SECONDS:
+            return
+        g = self.group
+        coalitions = self.total * self.per_permutation
+        logger.warning(
+            "Shap-CAM at %r: %d image(s), %d players, %d permutations x %d coalitions = %.3g coalition "
+            "evaluations, projected %s (%.3g ms each, measured); lower n_permutations, set tolerance or "
+            "group_size, or pick a coarser layer", g.engine.split.layer_name, g.batch, g.n, self.total,
+            g.n + 1, coalitions, _duration(projected), 1e3 * seconds / (permutations * self.per_permutation))
 
 
-def _mean_and_standard_error(phi, phi_sq, k: int) -> tuple:
-    """Estimates and their standard errors from sums of K marginal contributions and squares."""
-    mean = phi / k
-    var = (phi_sq / k - mean.square()).clamp_min(0) * (k / max(k - 1, 1))
-    return mean, (var / k).sqrt()
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"about {seconds:.0f} s"
+    if seconds < 7200:
+        return f"about {seconds / 60:.0f} min"
+    return f"about {seconds / 3600:.1f} h"
 
 
-def _relative_error(phi, phi_sq, k: int) -> torch.Tensor:
-    """Per image: largest standard error over the largest |Shapley value|."""
-    mean, std_error = _mean_and_standard_error(phi, phi_sq, k)
-    return (std_error.amax(1) / mean.abs().amax(1).clamp_min(1e-12)).cpu()
+def _select_images(held: tuple, batched: tuple, images: slice) -> tuple:
+    """Held values for some images: the batched ones are sliced, the others pass through."""
+    return tuple(h[images] if is_batched else h for h, is_batched in zip(held, batched))
 
 
 def _runs(indices: List[int]) -> List[slice]:
@@ -348,3 +448,6 @@ def _runs(indices: List[int]) -> List[slice]:
             runs.append(slice(start, i + 1))
             start = None
     return runs
+
+
+__all__ = ["BatchError", "SamplingConfig", "ShapleyEngine", "ShapleyResult", "check_input"]

@@ -100,8 +100,8 @@ def check_scatter_marginals_args(values, perms, phi, phi_sq):
 
 def masked_prefixes(
     activations: torch.Tensor,
+    baseline: Optional[torch.Tensor],
     perms: torch.Tensor,
-    baseline: Optional[torch.Tensor] = None,
     perm_range: Optional[Tuple[int, int]] = None,
     prefix_range: Optional[Tuple[int, int]] = None,
 ) -> torch.Tensor:
@@ -109,8 +109,8 @@ def masked_prefixes(
 
     Args:
         activations: (C, h, w) or (B, C, h, w) feature map, any float dtype and strides.
+        baseline: value of removed positions, broadcastable to ``activations``; None means 0.
         perms: (K, n) int64; row k is an order of the n = h*w positions.
-        baseline: value of removed positions, broadcastable to ``activations``; default 0.
         perm_range: [start, end) of permutations to produce; default all K.
         prefix_range: [start, end) of prefix lengths t in 0..n; default 0..n (n+1 maps).
 
@@ -137,23 +137,35 @@ def masked_prefixes(
     return reference.masked_prefixes(*args)
 
 
-def scatter_marginals_(values: torch.Tensor, perms: torch.Tensor, phi: torch.Tensor, phi_sq: torch.Tensor) -> None:
+def _check_unit_size(unit_size, k):
+    torch._check(
+        isinstance(unit_size, int) and unit_size >= 1 and k % unit_size == 0,
+        lambda: f"unit_size must be a positive divisor of K = {k}, got {unit_size}",
+    )
+
+
+def scatter_marginals_(values: torch.Tensor, perms: torch.Tensor, phi: torch.Tensor, phi_sq: torch.Tensor,
+                       unit_size: int = 1) -> None:
     """Accumulate marginal contributions along permutations, in place.
 
     For each permutation k and step t, adds ``values[..., k, t+1] - values[..., k, t]`` to
-    ``phi[..., perms[k, t]]`` and its square to ``phi_sq``. Deterministic on every device.
+    ``phi[..., perms[k, t]]``. ``phi_sq`` gets the square of each unit's sum of them: a unit is
+    ``unit_size`` consecutive permutations (an antithetic pair is one unit of 2), so that standard
+    errors can be computed over independent units. Deterministic on every device.
 
     Args:
         values: (K, n+1) or (B, K, n+1) worth of each prefix, any float dtype.
         perms: (K, n) int64 permutations.
         phi, phi_sq: (n,) or (B, n) float32/float64 accumulators, modified in place.
+        unit_size: permutations per unit; divides K.
     """
-    if COMPILED:
+    _check_unit_size(unit_size, perms.shape[0])
+    if COMPILED and unit_size == 1:
         torch.ops.shapcam.scatter_marginals_(values, perms, phi, phi_sq)
         return
     check_scatter_marginals_args(values, perms, phi, phi_sq)
     _check_is_permutation(perms)
-    reference.scatter_marginals_(values, perms, phi, phi_sq)
+    reference.scatter_marginals_(values, perms, phi, phi_sq, unit_size)
 
 
 def check_linear_walk_args(start_logits, deltas, perms, classes, phi, phi_sq):
@@ -190,6 +202,7 @@ def linear_walk_(
     phi: torch.Tensor,
     phi_sq: torch.Tensor,
     softmax: bool = True,
+    unit_size: int = 1,
 ) -> None:
     """Shapley sampling for heads whose logits are additive in the players, in place.
 
@@ -208,13 +221,22 @@ def linear_walk_(
         classes: (B,) int64 class scored per image.
         phi, phi_sq: (B, n) float32/float64 accumulators.
     """
-    if COMPILED:
+    _check_unit_size(unit_size, perms.shape[0])
+    if COMPILED and unit_size == 1:
         torch.ops.shapcam.linear_walk_(start_logits, deltas, perms, classes, softmax, phi, phi_sq)
         return
     check_linear_walk_args(start_logits, deltas, perms, classes, phi, phi_sq)
     _check_is_permutation(perms)
     _check_classes_in_range(classes, start_logits.shape[1])
-    reference.linear_walk_(start_logits, deltas, perms, classes, softmax, phi, phi_sq)
+    reference.linear_walk_(start_logits, deltas, perms, classes, softmax, phi, phi_sq, unit_size)
+
+
+def linear_walk_bytes(batch: int, permutations: int, n: int, classes: int) -> int:
+    """Bytes :func:`linear_walk_` allocates for this work on the active backend: the compiled
+    kernels keep only each prefix's worth; the reference materialises every prefix's logits."""
+    if COMPILED:
+        return batch * permutations * (n + 1) * 8
+    return 4 * batch * permutations * (n + 1) * classes * 8
 
 
 if COMPILED:

@@ -43,10 +43,10 @@ def masked_prefixes(
 
 
 def scatter_marginals_(
-    values: torch.Tensor, perms: torch.Tensor, phi: torch.Tensor, phi_sq: torch.Tensor
+    values: torch.Tensor, perms: torch.Tensor, phi: torch.Tensor, phi_sq: torch.Tensor, unit_size: int = 1
 ) -> None:
-    """Add the marginal contributions along each permutation to ``phi`` and their squares to
-    ``phi_sq``, in place.
+    """Add the marginal contributions along each permutation to ``phi``, and the square of each
+    unit's sum of them to ``phi_sq``, in place. A unit is ``unit_size`` consecutive permutations.
 
     values: (K, n+1) or (B, K, n+1), the worth of every prefix of every permutation.
     phi, phi_sq: (n,) or (B, n), float32 or float64.
@@ -58,8 +58,9 @@ def scatter_marginals_(
         ranks = ranks.expand_as(deltas)
     # Gathering by rank gives every position its contribution from each permutation.
     per_position = deltas.gather(-1, ranks)
-    phi.add_(per_position.sum(-2))
-    phi_sq.add_(per_position.square().sum(-2))
+    units = per_position.unflatten(-2, (-1, unit_size)).sum(-2)
+    phi.add_(units.sum(-2))
+    phi_sq.add_(units.square().sum(-2))
 
 
 def linear_walk_(
@@ -70,6 +71,7 @@ def linear_walk_(
     softmax: bool,
     phi: torch.Tensor,
     phi_sq: torch.Tensor,
+    unit_size: int = 1,
 ) -> None:
     """Shapley sampling for a head whose logits are additive in the players.
 
@@ -87,4 +89,4 @@ def linear_walk_(
     scores = logits.softmax(-1) if softmax else logits
     index = classes.view(-1, 1, 1, 1).expand(*logits.shape[:3], 1)
     values = scores.gather(-1, index).squeeze(-1)  # (B, K, n+1)
-    scatter_marginals_(values, perms, phi, phi_sq)
+    scatter_marginals_(values, perms, phi, phi_sq, unit_size)

@@ -32,7 +32,7 @@ def test_gradcam_targets_and_tooling(resnet):
     with ShapCAM(model=model, target_layers=[model.layer4[-1]], **SETTINGS) as cam:
         theirs = cam(input_tensor=x, targets=[TheirSoftmax(3), TheirLogit(4)])
         ours = cam(input_tensor=x, targets=[ClassifierOutputSoftmaxTarget(3), ClassifierOutputTarget(4)])
-        plain = cam(input_tensor=x, targets=[lambda out: out.softmax(-1)[:, 3], lambda out: out[:, 4]])
+        plain = cam(input_tensor=x, targets=[lambda out: out.softmax(-1)[3], lambda out: out[4]])
     np.testing.assert_array_equal(theirs, ours)
     np.testing.assert_allclose(plain, ours, atol=1e-6)
     assert theirs.shape == (2, 64, 64) and theirs.min() >= 0 and theirs.max() <= 1

@@ -89,7 +89,7 @@ def test_fast_path_equals_generic_path(name, layer, path):
 @pytest.mark.parametrize("targets,path", [
     ([ClassifierOutputTarget(3), ClassifierOutputTarget(5)], "pooled-linear"),  # logits
     ([ClassTarget(3, softmax=True), ClassTarget(5, softmax=False)], "pooled"),  # mixed: one tail pass
-    ([lambda out: out[:, 1] - out[:, 2], lambda out: out[:, 0].sigmoid()], "pooled"),  # any callable
+    ([lambda out: out[1] - out[2], lambda out: out[0].sigmoid()], "pooled"),  # any callable
 ], ids=["logit", "mixed", "callable"])
 def test_targets_on_a_pooled_linear_head(targets, path):
     model = calibrated("resnet50")

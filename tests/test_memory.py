@@ -28,7 +28,7 @@ def test_chunks_stay_under_the_memory_budget(monkeypatch):
     budget = 2 << 20
     cam = ShapCAM(model, ["layer4"], n_permutations=16, memory_budget=budget, fast_path=False)
     small = cam.explain(x)
-    assert len(sizes) > 4 and max(sizes) <= budget
+    assert len(sizes) >= 3 and max(sizes) <= budget  # 2 images x 16 x 10 masked maps of 18 KiB: 5.6 MiB
     # The same values as one big chunk.
     big = ShapCAM(model, ["layer4"], n_permutations=16, fast_path=False).explain(x)
     for a, b in zip(small, big):

@@ -23,12 +23,11 @@ import torch.nn.functional as F
 
 from shapcam_ext import ops
 from shapcam_ext.fastpath.pattern import HeadPattern
+from shapcam_ext.memory import MemoryPlanner, cost_per_unit
 from shapcam_ext.players import PlayerGrid
 from shapcam_ext.reference import permutation_ranks
-from shapcam_ext.targets import ClassTarget, Target, score
-
-# Runs ``fn`` once and returns the bytes its ops allocated (the engine's allocation counter).
-Measure = Callable[[Callable[[], object]], int]
+from shapcam_ext.statistics import RunningEstimate
+from shapcam_ext.targets import Scorer, Target, class_targets
 
 
 class RunningWalk:
@@ -38,19 +37,27 @@ class RunningWalk:
     table: (B, R, D) changes of the flattened front output, D = prod(S).
     step_rows: maps (K, n) permutations to the (K, n) table rows of their steps.
     tail: the rest of the head on (rows, *S) inputs, or None when the front output is the output.
-    per_chunk: permutations per chunk, under the memory budget.
+    n: players. per_permutation: bytes one permutation of the walk allocates (all images).
     """
 
     def __init__(self, path: str, start: torch.Tensor, table: torch.Tensor,
                  step_rows: Callable[[torch.Tensor], torch.Tensor], tail: Optional[Callable],
-                 targets: list[Target], per_chunk: int):
+                 targets: list[Target], scorer: Scorer, planner: MemoryPlanner, n: int, per_permutation: int):
         self.path, self.start, self.table, self.step_rows = path, start, table, step_rows
-        self.tail, self.targets, self.per_chunk = tail, targets, per_chunk
+        self.tail, self.targets, self.scorer = tail, targets, scorer
+        self.planner, self.n, self.per_permutation = planner, n, per_permutation
 
-    def __call__(self, perms: torch.Tensor, phi: torch.Tensor, phi_sq: torch.Tensor) -> None:
-        for k0 in range(0, perms.shape[0], self.per_chunk):
-            chunk = perms[k0:k0 + self.per_chunk]
-            ops.scatter_marginals_(self.values(chunk), chunk, phi, phi_sq)
+    @property
+    def coalitions_per_permutation(self) -> int:
+        return self.start.shape[0] * (self.n + 1)
+
+    def permutations_per_round(self, unit: int) -> int:
+        if self.planner.batch_size is not None:  # the user's head evaluations per chunk
+            return max(1, self.planner.batch_size // self.coalitions_per_permutation)
+        return self.planner.units(self.per_permutation * unit, what=f"one unit of the {self.path} walk") * unit
+
+    def __call__(self, perms: torch.Tensor, estimate: RunningEstimate) -> None:
+        ops.scatter_marginals_(self.values(perms), perms, estimate.total, estimate.total_sq, estimate.unit_size)
 
     def values(self, perms: torch.Tensor) -> torch.Tensor:
         """(B, K, n+1) worth of every prefix of ``perms``, like the generic path's ``values``."""
@@ -62,21 +69,24 @@ class RunningWalk:
         running = torch.cat([start.expand(b, k, 1, d), start + self.table[:, rows].to(acc).cumsum(2)], 2)
         inputs = running.to(self.table.dtype).reshape((-1,) + tuple(self.start.shape[1:]))
         out = inputs if self.tail is None else self.tail(inputs)
-        return score(self.targets, out.view((b, k * (n + 1)) + tuple(out.shape[1:]))).view(b, k, n + 1)
+        return self.scorer(self.targets, out, k * (n + 1)).view(b, k, n + 1)
 
 
 class LinearWalk(RunningWalk):
     """Pooled head ending in its Linear, class targets: ``ops.linear_walk_`` walks the logits."""
 
-    def __init__(self, start: torch.Tensor, table: torch.Tensor, targets: list[ClassTarget], per_chunk: int):
-        super().__init__("pooled-linear", start, table, _identity_rows, None, targets, per_chunk)
-        self.classes = torch.tensor([t.category for t in targets], device=start.device)
-        self.softmax = targets[0].softmax
+    def __init__(self, start: torch.Tensor, table: torch.Tensor, targets: list[Target], scorer: Scorer,
+                 planner: MemoryPlanner):
+        classes = class_targets(targets)
+        b, n, m = table.shape
+        super().__init__("pooled-linear", start, table, _identity_rows, None, targets, scorer, planner, n,
+                         ops.linear_walk_bytes(b, 1, n, m))
+        self.classes = torch.tensor([t.category for t in classes], device=start.device)
+        self.softmax = classes[0].softmax
 
-    def __call__(self, perms: torch.Tensor, phi: torch.Tensor, phi_sq: torch.Tensor) -> None:
-        for k0 in range(0, perms.shape[0], self.per_chunk):
-            ops.linear_walk_(self.start, self.table, perms[k0:k0 + self.per_chunk], self.classes, phi, phi_sq,
-                             softmax=self.softmax)
+    def __call__(self, perms: torch.Tensor, estimate: RunningEstimate) -> None:
+        ops.linear_walk_(self.start, self.table, perms, self.classes, estimate.total, estimate.total_sq,
+                         softmax=self.softmax, unit_size=estimate.unit_size)
 
 
 def _identity_rows(perms: torch.Tensor) -> torch.Tensor:
@@ -84,12 +94,12 @@ def _identity_rows(perms: torch.Tensor) -> torch.Tensor:
 
 
 def prepare(pattern: HeadPattern, head: Callable, grid: PlayerGrid, players: torch.Tensor, held: tuple,
-            targets: list[Target], baseline: torch.Tensor, memory_budget: int, batch_size: Optional[int],
-            measure: Measure) -> Optional[RunningWalk]:
+            targets: list[Target], baseline: torch.Tensor, planner: MemoryPlanner,
+            scorer: Scorer) -> Optional[RunningWalk]:
     """The walk for these images, or None when the generic path must run.
 
     None when the players are not the plain positions of a 4-D map (groups, tokens), when a
-    runtime shape does not fit the pattern, when the tables exceed ``memory_budget``, or (with a
+    runtime shape does not fit the pattern, when the tables exceed the memory budget, or (with a
     warning) when the walk disagrees with the head on probe coalitions.
     """
     if grid.group_size != 1 or grid.token_index is not None or players.dim() != 4:
@@ -103,40 +113,29 @@ def prepare(pattern: HeadPattern, head: Callable, grid: PlayerGrid, players: tor
     if pattern.pool == "global":
         table, step_rows = _pooled_table(pattern, g_keep, g_base, start)
     else:
-        table, step_rows = _window_table(pattern, g_keep, g_base, start, memory_budget)
+        table, step_rows = _window_table(pattern, g_keep, g_base, start, planner.budget)
     if table is None:
         return None
     n = players.shape[-1] * players.shape[-2]
-    if pattern.pool == "global" and pattern.tail is None and pattern.linear is not None and _class_targets(targets):
-        per_perm = 4 * players.shape[0] * (n + 1) * table.shape[-1] * 8  # the reference op's float64 temporaries
-        walk = LinearWalk(start, table, targets, _per_chunk(per_perm, memory_budget, batch_size, n, players.shape[0]))
+    b = players.shape[0]
+    if pattern.pool == "global" and pattern.tail is None and pattern.linear is not None \
+            and class_targets(targets) is not None:
+        walk = LinearWalk(start, table, targets, scorer, planner)
     else:
-        per_perm = players.shape[0] * (n + 1) * (_tail_bytes_per_row(pattern, start, targets, measure)
-                                                 + 3 * table.shape[-1] * 4)
+        per_row = _tail_bytes_per_row(pattern, start, targets, scorer) + 3 * table.shape[-1] * 4
         path = "pooled" if pattern.pool == "global" else "local-pool-linear"
-        walk = RunningWalk(path, start, table, step_rows, pattern.tail, targets,
-                           _per_chunk(per_perm, memory_budget, batch_size, n, players.shape[0]))
-    return walk if _agrees_with_head(walk, head, players, base_map, held, targets) else None
+        walk = RunningWalk(path, start, table, step_rows, pattern.tail, targets, scorer, planner, n,
+                           b * (n + 1) * per_row)
+    return walk if _agrees_with_head(walk, head, players, base_map, held, targets, scorer) else None
 
 
-def _tail_bytes_per_row(pattern: HeadPattern, start: torch.Tensor, targets: list[Target], measure: Measure) -> int:
-    """Bytes the tail and the target allocate per row: two rows minus one, so that what does not
-    grow with the rows (views of the weights, for instance) cancels."""
+def _tail_bytes_per_row(pattern: HeadPattern, start: torch.Tensor, targets: list[Target], scorer: Scorer) -> int:
+    """Bytes the tail and the target allocate per row."""
     def run(rows: int) -> Callable[[], object]:
         x = start[:1].expand((rows,) + tuple(start.shape[1:])).contiguous()
-        return lambda: score(targets[:1], (x if pattern.tail is None else pattern.tail(x))[None])
+        return lambda: scorer(targets[:1], x if pattern.tail is None else pattern.tail(x), rows)
 
-    return max(measure(run(2)) - measure(run(1)), 1)
-
-
-def _class_targets(targets: list[Target]) -> bool:
-    return all(isinstance(t, ClassTarget) for t in targets) and len({t.softmax for t in targets}) == 1
-
-
-def _per_chunk(per_perm: int, memory_budget: int, batch_size: Optional[int], n: int, images: int) -> int:
-    if batch_size is not None:  # the user's head evaluations per chunk
-        return max(1, batch_size // (images * (n + 1)))
-    return max(1, memory_budget // max(per_perm, 1))
+    return cost_per_unit(run)[1]
 
 
 def _pooled_table(pattern: HeadPattern, g_keep, g_base, start):
@@ -247,7 +246,7 @@ class _WindowSteps:
         return rows.gather(1, perms)
 
 
-def _agrees_with_head(walk: RunningWalk, head: Callable, players, base_map, held, targets) -> bool:
+def _agrees_with_head(walk: RunningWalk, head: Callable, players, base_map, held, targets, scorer) -> bool:
     """Checks the walk against the head on the empty, a checkerboard and the full coalition."""
     b, c, h, w = players.shape
     cells = torch.arange(h * w, device=players.device)
@@ -259,7 +258,7 @@ def _agrees_with_head(walk: RunningWalk, head: Callable, players, base_map, held
     keep = (ranks < torch.tensor(lengths, device=players.device)[:, None]).view(3, 1, h, w)
     masked = torch.where(keep, players[:, None], base_map[:, None]).reshape(b * 3, c, h, w)
     out = head(masked, *held)
-    generic = score(targets, out.view((b, 3) + tuple(out.shape[1:]))).double()
+    generic = scorer(targets, out, 3).double()
     tolerance = 1e-5 * max(1.0, float(generic.abs().max()))
     if torch.allclose(fast, generic, rtol=1e-3, atol=tolerance):
         return True

@@ -1,0 +1,97 @@
+"""Running Shapley estimates, their standard errors and the tolerance stop.
+
+The accumulators stay on the model's device: the ops add each chunk's contributions to them, and
+nothing is read back until a stop check or the end.
+
+Standard errors are computed over independent units (an antithetic pair is one unit: its two
+orders are negatively correlated, and treating them as independent would overstate the error
+about twofold). With U units of u permutations, the ops accumulate per player
+``total = sum of all marginals`` and ``total_sq = sum over units of (unit's sum of marginals)^2``;
+the unit means are x_k = unit sum / u, and
+
+    mean = total / (U u),   var(x) = (total_sq / u^2 - U mean^2) / (U - 1),   SE = sqrt(var(x) / U).
+
+The tolerance stop bounds the relative L2 error of the signed map, ||phi_hat - phi|| / ||phi||,
+at 90% confidence (see :func:`relative_error_bound`).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+CONFIDENCE = 0.9
+MIN_UNITS_TO_STOP = 8  # a variance from fewer units is too uncertain to stop on
+
+
+class RunningEstimate:
+    """Sums of marginal contributions of a batch of images, by unit, on one device.
+
+    Args:
+        batch: images. n: players. unit_size: permutations per independent unit.
+        exhaustive: the permutations are all n! orders (exact values, zero standard error).
+    """
+
+    def __init__(self, batch: int, n: int, unit_size: int, device: torch.device, exhaustive: bool = False):
+        self.total = torch.zeros(batch, n, dtype=torch.float64, device=device)
+        self.total_sq = torch.zeros_like(self.total)
+        self.unit_size = unit_size
+        self.exhaustive = exhaustive
+        self.permutations = 0
+
+    @property
+    def units(self) -> int:
+        return self.permutations // self.unit_size
+
+    def mean(self) -> torch.Tensor:
+        return self.total / max(self.permutations, 1)
+
+    def std_error(self) -> Optional[torch.Tensor]:
+        """(B, n) standard errors; zeros when exhaustive; None when undefined (fewer than two units)."""
+        if self.exhaustive:
+            return torch.zeros_like(self.total)
+        units = self.units
+        if units < 2:
+            return None
+        unit_means_sq = self.total_sq / self.unit_size**2
+        var = (unit_means_sq - units * self.mean().square()).clamp_min(0) / (units - 1)
+        return (var / units).sqrt()
+
+    def relative_error_bound(self) -> torch.Tensor:
+        """(B,) 90%-confidence upper bound on each image's relative L2 error; inf while undefined."""
+        se = self.std_error()
+        if se is None or self.units < MIN_UNITS_TO_STOP:
+            return torch.full(self.total.shape[:1], math.inf, dtype=torch.float64, device=self.total.device)
+        return relative_error_bound(self.mean(), se, self.units)
+
+
+def relative_error_bound(mean: torch.Tensor, std_error: torch.Tensor, units: int) -> torch.Tensor:
+    """Upper bound, at :data:`CONFIDENCE`, on ||mean - phi|| / ||phi|| per image (rows of (B, n)).
+
+    Two one-sided 95% bounds, so both hold with probability >= 90%:
+
+    * The estimated variances: sum(SE^2) comes from ``units`` units, and (U-1) s^2 / sigma^2 is
+      chi-square with U-1 degrees of freedom, so sigma^2 <= s^2 (U-1) / chi2_{U-1}(5%).
+    * The realised error: ||e||^2 = sum SE_i^2 Z_i^2 with Z_i ~ N(0, 1), a weighted chi-square
+      that Satterthwaite matches to chi2 with d = (sum SE^2)^2 / sum SE^4 degrees of freedom,
+      so ||e||^2 <= sum SE^2 chi2_d(95%) / d.
+
+    ||phi|| is estimated by sqrt(||mean||^2 - sum SE^2), since E||mean||^2 = ||phi||^2 + sum SE^2.
+    Chi-square quantiles use the Wilson-Hilferty approximation, accurate to a few percent for
+    d >= 2, which the coverage test in tests/test_statistics.py checks end to end.
+    """
+    z = 1.6448536269514722  # the standard normal's 95% quantile
+    var = std_error.square().sum(-1)
+    dof = var.square() / std_error.pow(4).sum(-1).clamp_min(1e-300)
+    realised = _chi2_quantile(dof, z) / dof
+    estimated = (units - 1) / _chi2_quantile(torch.full_like(var, units - 1.0), -z)
+    norm_sq = (mean.square().sum(-1) - var).clamp_min(0)
+    bound = (var * realised * estimated / norm_sq).sqrt()
+    return torch.where(norm_sq > 0, bound, torch.full_like(bound, math.inf))
+
+
+def _chi2_quantile(dof: torch.Tensor, z: float) -> torch.Tensor:
+    """The chi-square quantile at the normal quantile z (Wilson-Hilferty)."""
+    c = 2.0 / (9.0 * dof)
+    return dof * (1.0 - c + z * c.sqrt()).clamp_min(1e-3).pow(3)
