@@ -279,19 +279,22 @@ class _ImageGroup:
         accumulate = walk if walk is not None else _GenericPath(self)
         per_round = max(unit, accumulate.permutations_per_round(unit) // unit * unit)
         schedule = _StopSchedule(cfg.tolerance, unit, total)
-        announcer = _CostAnnouncer(self, total, accumulate.coalitions_per_permutation)
+        announcer = _CostAnnouncer(self, accumulate.coalitions_per_permutation)
         bar = tqdm(total=total, desc="permutations", unit="perm", disable=not self.engine.progress, leave=False)
         with bar:
             while estimate.permutations < total:
-                count = min(per_round, total - estimate.permutations, schedule.next_check - estimate.permutations)
+                # The first round is one unit: a probe that times the run before the bulk of it.
+                size = per_round if estimate.permutations else unit
+                count = min(size, total - estimate.permutations, schedule.next_check - estimate.permutations)
                 perms = stream.take(count)
                 tick = time.perf_counter()
                 accumulate(perms, estimate)
                 estimate.permutations += count
                 bar.update(count)
-                announcer.observe(count, time.perf_counter() - tick)
+                seconds = time.perf_counter() - tick
                 if estimate.permutations >= schedule.next_check and schedule.stop(estimate):
                     break
+                announcer.observe(count, seconds, schedule.projected_total)
         return self._results(estimate, ends, walk, start)
 
     def _results(self, estimate: RunningEstimate, ends: torch.Tensor, walk, start: float) -> list:
@@ -379,13 +382,18 @@ class _GenericPath:
 class _StopSchedule:
     """When to check the tolerance: each check reads the estimate back from the device, so checks
     are few. After the first, the next is where the error, shrinking like 1/sqrt(K), should meet
-    the tolerance, at most four times further on."""
+    the tolerance, at most four times further on.
+
+    ``projected_total``: the permutations the run is expected to take; None until the first check
+    of a run with a tolerance.
+    """
 
     FIRST_UNITS = 16
 
     def __init__(self, tolerance: Optional[float], unit: int, total: int):
         self.tolerance, self.unit, self.total = tolerance, unit, total
         self.next_check = total if tolerance is None else min(total, self.FIRST_UNITS * unit)
+        self.projected_total: Optional[int] = total if tolerance is None else None
 
     def stop(self, estimate: RunningEstimate) -> bool:
         if self.tolerance is None:
@@ -396,33 +404,42 @@ class _StopSchedule:
             return True
         worst = float(bound.nan_to_num(nan=0.0).max())
         done = estimate.permutations
-        needed = done * (worst / self.tolerance) ** 2 * 1.1 if math.isfinite(worst) else 2 * done
-        target = min(max(needed, done + self.unit), 4 * done, self.total)
-        self.next_check = int(-(-target // self.unit) * self.unit)
+        needed = done * (worst / self.tolerance) ** 2 * 1.1 if math.isfinite(worst) else self.total
+        self.projected_total = self._whole_units(min(max(needed, done + self.unit), self.total))
+        self.next_check = self._whole_units(min(self.projected_total, 4 * done))
         return False
+
+    def _whole_units(self, permutations: float) -> int:
+        return min(self.total, int(-(-permutations // self.unit) * self.unit))
 
 
 class _CostAnnouncer:
-    """Logs the projected cost of a long run once, measured on its first round."""
+    """Logs the projected cost of a long run once, from the time its rounds take.
 
-    def __init__(self, group: _ImageGroup, total: int, coalitions_per_permutation: int):
-        self.group, self.total, self.per_permutation = group, total, coalitions_per_permutation
-        self.done = False
+    Without a tolerance the run's length is known at once; with one it is known at the first
+    stop check, which projects how many permutations the tolerance needs.
+    """
 
-    def observe(self, permutations: int, seconds: float) -> None:
-        if self.done:
+    def __init__(self, group: _ImageGroup, coalitions_per_permutation: int):
+        self.group, self.per_permutation = group, coalitions_per_permutation
+        self.seconds, self.permutations, self.done = 0.0, 0, False
+
+    def observe(self, permutations: int, seconds: float, projected_total: Optional[int]) -> None:
+        self.seconds += seconds
+        self.permutations += permutations
+        if self.done or projected_total is None:
             return
         self.done = True
-        projected = seconds / permutations * self.total
-        if projected <= LONG_RUN_SECONDS:
+        remaining = self.seconds / self.permutations * (projected_total - self.permutations)
+        if remaining <= LONG_RUN_SECONDS:
             return
         g = self.group
-        coalitions = self.total * self.per_permutation
+        per_coalition = self.seconds / (self.permutations * self.per_permutation)
         logger.warning(
-            "Shap-CAM at %r: %d image(s), %d players, %d permutations x %d coalitions = %.3g coalition "
-            "evaluations, projected %s (%.3g ms each, measured); lower n_permutations, set tolerance or "
-            "group_size, or pick a coarser layer", g.engine.split.layer_name, g.batch, g.n, self.total,
-            g.n + 1, coalitions, _duration(projected), 1e3 * seconds / (permutations * self.per_permutation))
+            "Shap-CAM at %r: %d image(s), %d players: %d permutations x %d coalitions = %.3g coalition "
+            "evaluations, projected %s more (%.3g ms each, measured); lower n_permutations, set tolerance or "
+            "group_size, or pick a coarser layer", g.engine.split.layer_name, g.batch, g.n, projected_total, g.n + 1,
+            projected_total * self.per_permutation, _duration(remaining), 1e3 * per_coalition)
 
 
 def _duration(seconds: float) -> str:

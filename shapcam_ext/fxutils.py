@@ -42,7 +42,8 @@ def ancestors(roots: Iterable[fx.Node], stop: Iterable[fx.Node] = ()) -> set[fx.
     return reachable(roots, lambda node: node.all_input_nodes, stop)
 
 
-def extract(root: nn.Module, graph: fx.Graph, inputs: list[fx.Node], outputs: Any) -> fx.GraphModule:
+def extract(root: nn.Module, graph: fx.Graph, inputs: list[fx.Node], outputs: Any,
+            keep_defaults: bool = False) -> fx.GraphModule:
     """The part of ``graph`` that computes ``outputs`` from ``inputs``, as a GraphModule of ``root``.
 
     Args:
@@ -50,6 +51,8 @@ def extract(root: nn.Module, graph: fx.Graph, inputs: list[fx.Node], outputs: An
         graph: the graph to copy from.
         inputs: nodes that become the new graph's placeholders, in this order (named like them).
         outputs: a node, or a tuple/list/dict structure of nodes, that the new graph returns.
+        keep_defaults: placeholders of ``graph`` among the inputs keep their default values
+            (timm's ViT has an optional ``attn_mask``), for a graph called like the original.
 
     Every node between the inputs and the outputs is copied in graph order; the graph's own
     placeholders may only be reached when they are among ``inputs``.
@@ -58,7 +61,8 @@ def extract(root: nn.Module, graph: fx.Graph, inputs: list[fx.Node], outputs: An
         ValueError: the outputs need a placeholder of ``graph`` that is not an input.
     """
     new = fx.Graph()
-    env = {node: new.placeholder(node.name) for node in inputs}
+    env = {node: new.node_copy(node) if keep_defaults and node.op == "placeholder" else new.placeholder(node.name)
+           for node in inputs}
     result_nodes: list[fx.Node] = []
     fx.map_arg(outputs, result_nodes.append)
     needed = ancestors(result_nodes, stop=inputs)

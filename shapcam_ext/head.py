@@ -249,7 +249,7 @@ def _fx_split(model: nn.Module, name: str) -> SplitModel:
     held = _held_values(graph, cuts[0])
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     output = next(n for n in reversed(graph.nodes) if n.op == "output")
-    trunk_gm = extract(model, graph, placeholders, (cuts[0], *held))
+    trunk_gm = extract(model, graph, placeholders, (cuts[0], *held), keep_defaults=True)
     head_gm = extract(model, graph, [cuts[0], *held], output.args[0])
     _protect_inputs(head_gm, model)
     return SplitModel(_GraphTrunk(trunk_gm), _GraphHead(head_gm, len(held)), name, True, head_gm)

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from shapcam_ext import ShapCAM
+from shapcam_ext import engine
 from shapcam_ext.engine import BatchError
 from exact import exact_shapley
 from shapcam_ext.targets import ClassifierOutputSoftmaxTarget, ClassifierOutputTarget
@@ -225,3 +226,98 @@ def test_nan_image_fails_alone():
     results = info.value.results
     assert results[1] is None and results[0] is not None and results[2] is not None
     assert list(info.value.failures) == [1]
+
+
+# ------------------------------------------------------------------ non-finite values
+
+
+def test_infinite_weights_fail_every_image_with_a_batch_error():
+    model = tiny_model(6)
+    x = torch.randn(2, 3, 3, 3)
+    model(x)
+    with torch.no_grad():
+        model[5].weight[0, 0] = float("inf")
+    with pytest.raises(BatchError, match="NaN or Inf") as info:
+        explain(model, x, n_permutations=4)
+    assert info.value.results == [None, None] and sorted(info.value.failures) == [0, 1]
+
+
+def test_a_target_returning_nan_fails_its_image_only():
+    model = tiny_model(7)
+    x = torch.randn(2, 3, 3, 3)
+    model(x)
+    targets = [ClassifierOutputTarget(1), lambda out: out[0] * float("nan")]
+    with pytest.raises(BatchError, match="image 1: the target's score is NaN") as info:
+        explain(model, x, n_permutations=4, targets=targets)
+    assert info.value.results[0] is not None and torch.isfinite(info.value.results[0].shapley).all()
+
+
+@pytest.mark.parametrize("baseline", [float("nan"), float("inf"), torch.tensor([0.0, float("nan")])])
+def test_non_finite_baseline_is_refused(model_and_input, baseline):
+    model, _ = model_and_input
+    with pytest.raises(ValueError, match="baseline has NaN or Inf"):
+        ShapCAM(model, [model[1]], baseline=baseline)
+
+
+# ------------------------------------------------------------------ one-line errors
+
+
+@pytest.mark.parametrize("layers, error, match", [
+    ([None], TypeError, r"each target layer must be a module.*got NoneType"),
+    ("1", TypeError, r"wrap it in a list: target_layers=\['1'\]"),
+    ([], ValueError, "target_layers is empty"),
+])
+def test_bad_target_layers_name_the_fix(model_and_input, layers, error, match):
+    model, _ = model_and_input
+    with pytest.raises(error, match=match):
+        ShapCAM(model, layers)
+
+
+@pytest.mark.parametrize("option, value, error, match", [
+    ("n_permutations", 2.5, TypeError, "n_permutations must be an int, got float 2.5"),
+    ("n_permutations", "32", TypeError, "n_permutations must be an int, got str '32'"),
+    ("seed", 2**70, ValueError, "seed must be below 2\\*\\*64"),
+    ("seed", -1, ValueError, "seed must be >= 0"),
+    ("group_size", 0, ValueError, "group_size must be >= 1"),
+    ("antithetic", "yes", TypeError, "antithetic must be True or False"),
+    ("tolerance", float("nan"), ValueError, "tolerance must be > 0"),
+])
+def test_bad_settings_are_one_line_errors(model_and_input, option, value, error, match):
+    model, _ = model_and_input
+    with pytest.raises(error, match=match) as info:
+        ShapCAM(model, [model[1]], **{option: value})
+    assert "\n" not in str(info.value)
+
+
+def test_input_that_is_not_a_batch_tensor(model_and_input):
+    model, x = model_and_input
+    cam = ShapCAM(model, [model[1]], n_permutations=2)
+    with pytest.raises(TypeError, match=r"got ndarray; convert it with torch.from_numpy\(x\)"):
+        cam(x.numpy())
+    with pytest.raises(ValueError, match="input_tensor has no images"):
+        cam(x[:0])
+
+
+def test_tiny_memory_budget_names_the_need_in_readable_units(model_and_input):
+    model, x = model_and_input
+    with pytest.raises(ValueError, match=r"memory_budget of 16 B is too small for one head evaluation, which "
+                                         r"needs [\d.]+ (B|KiB)"):
+        ShapCAM(model, [model[1]], memory_budget=16, fast_path=False).explain(x)
+
+
+# ------------------------------------------------------------------ bounded memory, known cost
+
+
+def test_permutations_are_streamed_so_a_huge_cap_costs_nothing_up_front(model_and_input):
+    model, x = model_and_input
+    result = explain(model, x, n_permutations=10**9, tolerance=0.5)[0]
+    assert result.n_permutations < 10**4
+
+
+def test_a_long_run_announces_its_cost_first(model_and_input, monkeypatch, caplog):
+    model, x = model_and_input
+    monkeypatch.setattr(engine, "LONG_RUN_SECONDS", 0.0)
+    with caplog.at_level("WARNING", logger="shapcam_ext"):
+        explain(model, x, n_permutations=64, batch_size=7)
+    (record,) = [r for r in caplog.records if "projected" in r.getMessage()]
+    assert "64 permutations x 7 coalitions" in record.getMessage()

@@ -1,0 +1,98 @@
+"""The reported uncertainty is honest: standard errors match the spread over seeds, and a
+tolerance stop delivers the error it promises."""
+from __future__ import annotations
+
+import pytest
+import torch
+from exact import exact_shapley
+from torch import nn
+
+from shapcam_ext import ShapCAM
+from shapcam_ext.statistics import RunningEstimate
+from shapcam_ext.targets import ClassifierOutputSoftmaxTarget
+
+
+def pooled_model(seed: int = 0) -> nn.Sequential:
+    """A pooled head (the fast path) with a non-linear tail: cheap, and antithetic pairs matter."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 5)).eval()
+
+
+def interacting_model(seed: int = 0) -> nn.Sequential:
+    """A 3x3 conv, a pool and a steep tail: a game with interactions between neighbouring positions,
+    where antithetic pairs help but leave variance (the generic path)."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.Tanh(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 5)).eval()
+    with torch.no_grad():
+        model[6].weight.mul_(6)
+        model[8].weight.mul_(4)
+    return model
+
+
+def exact_values(model: nn.Sequential, x: torch.Tensor, category: int) -> torch.Tensor:
+    act, head = model[:2](x), model[2:]
+    h, w = act.shape[-2:]
+
+    def worth(members):
+        return head(torch.where(members.view(-1, 1, h, w), act, 0.0)).softmax(-1)[:, category]
+
+    with torch.no_grad():
+        return exact_shapley(worth, h * w)
+
+
+@pytest.mark.parametrize("antithetic", [False, True])
+def test_one_unit_has_an_undefined_standard_error(antithetic):
+    model = pooled_model()
+    x = torch.randn(1, 3, 3, 3)
+    result = ShapCAM(model, [model[1]], n_permutations=1, antithetic=antithetic).explain(x)[0]
+    assert result.std_error is None and result.max_std_error is None
+    assert result.n_permutations == (2 if antithetic else 1)
+    two = ShapCAM(model, [model[1]], n_permutations=4, antithetic=antithetic).explain(x)[0]
+    assert two.std_error is not None and bool((two.std_error > 0).any())
+
+
+@pytest.mark.parametrize("antithetic", [False, True])
+def test_standard_errors_match_the_spread_over_seeds(antithetic):
+    model = pooled_model(1)
+    x = torch.randn(1, 3, 3, 3)
+    target = [ClassifierOutputSoftmaxTarget(2)]
+    runs = [ShapCAM(model, [model[1]], n_permutations=32, antithetic=antithetic, seed=seed).explain(x, target)[0]
+            for seed in range(300)]
+    maps = torch.stack([r.shapley.flatten() for r in runs])
+    spread = maps.std(0)
+    reported = torch.stack([r.std_error.flatten() for r in runs]).square().mean(0).sqrt()
+    # 300 seeds estimate each spread to about +-4% (1/sqrt(2 * 299)); the i.i.d. formula applied to
+    # antithetic pairs was about 2x too large.
+    ratio = reported / spread
+    assert ((ratio > 0.8) & (ratio < 1.25)).all(), ratio
+
+
+@pytest.mark.parametrize("antithetic,tolerance", [(False, 0.02), (True, 0.003)])
+def test_tolerance_stop_meets_the_tolerance_in_at_least_90_percent_of_runs(antithetic, tolerance):
+    # Tolerances at which the stop needs about 16x the first check's permutations (K ~ 250 and
+    # ~170), so the rule is exercised beyond its first check; about 97-99% of runs meet them.
+    model = interacting_model()
+    torch.manual_seed(1)
+    x = torch.randn(1, 3, 3, 4)  # 12 players
+    category = int(model(x).argmax())
+    phi = exact_values(model, x, category)
+    errors, spent = [], []
+    for seed in range(150):
+        result = ShapCAM(model, [model[1]], n_permutations=100_000, tolerance=tolerance, antithetic=antithetic,
+                         seed=seed).explain(x, [ClassifierOutputSoftmaxTarget(category)])[0]
+        errors.append(float((result.shapley.flatten() - phi).norm() / phi.norm()))
+        spent.append(result.n_permutations)
+    within = sum(e <= tolerance for e in errors) / len(errors)
+    assert within >= 0.9, (within, sorted(errors)[-20:])
+    assert min(spent) > 16 * (2 if antithetic else 1), "every run stopped at the first check: the test is too easy"
+    assert max(spent) < 100_000, "the cap was hit: the stop never triggered"
+
+
+def test_relative_error_bound_is_infinite_until_enough_units():
+    estimate = RunningEstimate(batch=2, n=4, unit_size=2, device=torch.device("cpu"))
+    estimate.total += 1.0
+    estimate.total_sq += 1.0
+    estimate.permutations = 2
+    assert torch.isinf(estimate.relative_error_bound()).all()
