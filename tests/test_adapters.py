@@ -1,5 +1,6 @@
 """The other libraries' conventions over the one engine, and agreement with Captum."""
 import dataclasses
+import importlib
 import subprocess
 import sys
 import textwrap
@@ -9,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torchvision
 
 from shapcam_ext import ClassifierOutputSoftmaxTarget, ClassifierOutputTarget, ShapCAM
 from shapcam_ext.head import split_model
@@ -84,6 +86,23 @@ def test_optional_libraries_stay_optional():
         'torchcam is not installed; install it with: pip install "shapcam_ext[torchcam]"',
         'captum is not installed; install it with: pip install "shapcam_ext[captum]"',
     ]
+
+
+@pytest.mark.parametrize("library", ["torchcam", "captum"])
+def test_adapter_docstring_example_runs(library):
+    """Each adapter's module docstring shows its library's usage; run it as written."""
+    doc = importlib.import_module(f"shapcam_ext.adapters.{library}").__doc__
+    block = doc.split("::\n\n", 1)[1].splitlines()
+    end = next(i for i, line in enumerate(block) if line and not line.startswith("    "))
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18().eval()  # 1000 classes, as the examples' class 281 needs
+    img = torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8)
+    namespace = {"torch": torch, "model": model, "img": img, "input_tensor": img[None] / 255.0}
+    exec(textwrap.dedent("\n".join(block[:end])), namespace)
+    if library == "torchcam":
+        assert namespace["overlay"].size == (64, 64)
+    else:
+        assert namespace["upsampled"].shape == (1, 1, 64, 64) and namespace["delta"].abs().max() < 1e-6
 
 
 def test_converged_map_agrees_with_captum_on_the_real_model():

@@ -6,7 +6,7 @@ Example, in Captum's convention::
 
     from shapcam_ext.adapters.captum import LayerShapCAM
 
-    probabilities = torch.nn.Sequential(model, torch.nn.Softmax(-1))  # the paper's Y^c
+    probabilities = torch.nn.Sequential(model, torch.nn.Softmax(-1)).eval()  # the paper's Y^c
     shap_cam = LayerShapCAM(probabilities, model.layer4, n_permutations=256)
     attributions, delta = shap_cam.attribute(input_tensor, target=281, return_convergence_delta=True)
     upsampled = LayerAttribution.interpolate(attributions, input_tensor.shape[-2:], "bilinear")
