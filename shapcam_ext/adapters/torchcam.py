@@ -84,7 +84,7 @@ class ShapCAM(_CAM):
 
     def _store_input(self, _: nn.Module, args: Tuple[Any, ...]) -> None:
         if self._hooks_enabled:
-            self._input = args[0].detach()
+            self._input = args[0].detach().clone()  # as torchcam: later in-place edits of the input must not leak in
 
     def reset_hooks(self) -> None:
         """Clear the stored activations and input."""
