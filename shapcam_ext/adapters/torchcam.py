@@ -118,7 +118,7 @@ class ShapCAM(_CAM):
         group = self.cam.config.group_size
         cams = []
         for layer, activation in enumerate(self.hook_a):
-            # torchcam's own switches: the engine's forward passes must not overwrite the hooked state
+            # torchcam's own switches: the engine's forward passes run in eval mode and leave the hooked state alone
             with self._hooks_off(), self._eval_mode():
                 results = self.cam.explain(self._input, worth, layer)
             cam = torch.stack([cell_values(r, group) for r in results]).to(activation)
