@@ -1,4 +1,47 @@
 """Thin adapters giving the users of other CAM libraries the Shap-CAM engine in their conventions.
 
-Each imports nothing from its library until used, so those libraries stay optional.
+``shapcam_ext.adapters.gradcam`` (pytorch-grad-cam's ``BaseCAM``), ``.torchcam`` (a torchcam
+extractor) and ``.captum`` (a Captum ``LayerAttribution``) each import their library when they
+are imported themselves; ``import shapcam_ext`` imports none of them.
+
+Grouped players (``group_size=g > 1``): the engine values each g x g block of feature-map cells
+as one player. The torchcam and Captum maps give each cell an equal share of its player's value
+(a block cut by the map's edge shares it among the cells it covers), so a map sums to the score
+difference Y(full) - Y(baseline) exactly as the players' values do.
 """
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+import torch
+
+from shapcam_ext.engine import ShapleyResult
+
+
+def import_optional(module: str, extra: str) -> ModuleType:
+    """Import ``module`` of an optional library.
+
+    Raises:
+        ImportError: the library is missing; the message names the extra that installs it.
+    """
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        library = module.split(".")[0]
+        raise ImportError(f'{library} is not installed; install it with: pip install "shapcam_ext[{extra}]"') from err
+
+
+def cell_values(result: ShapleyResult, group_size: int) -> torch.Tensor:
+    """The (h, w) feature-map map of ``result`` with each cell holding an equal share of its player's value.
+
+    ``result.feature_map`` repeats a grouped player's value over its cells (for display); dividing
+    by the number of cells each player covers makes the map sum to the players' total.
+    """
+    h, w = result.feature_map.shape[-2:]
+
+    def cells_per_player(size: int) -> torch.Tensor:
+        """Along one axis: how many cells the player covering each position spans (fewer at the edge)."""
+        return (size - torch.arange(size) // group_size * group_size).clamp(max=group_size)
+
+    return result.feature_map / (cells_per_player(h)[:, None] * cells_per_player(w)[None, :])

@@ -1,58 +1,129 @@
-"""torchcam's convention: build the extractor, run the model, then ``extractor(class_idx, scores)``."""
+"""Shap-CAM as a torchcam extractor: build it on the model, run the model, then ask for the maps.
+
+Example, in torchcam's convention::
+
+    from torchcam.utils import overlay_mask
+    from torchvision.transforms.functional import to_pil_image
+
+    from shapcam_ext.adapters.torchcam import ShapCAM
+
+    with ShapCAM(model, target_layer="layer4", n_permutations=128) as cam_extractor:
+        out = model(input_tensor)
+        cams = cam_extractor(out.squeeze(0).argmax().item(), out)
+    overlay = overlay_mask(to_pil_image(img), to_pil_image(cams[0].squeeze(0), mode="F"), alpha=0.5)
+
+The extractor is a subclass of torchcam's own ``_CAM``, so the layer lookup (including the
+default layer), the hooks and their switches, ``fuse_cams``, the argument checks and the context
+manager are torchcam's; torchcam's metrics (``ClassificationMetric``, ``DeletionInsertionMetric``)
+take it like any torchcam method.
+"""
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Union
+from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
+from torch import Tensor, nn
 
+from shapcam_ext.adapters import cell_values, import_optional
 from shapcam_ext.cam import ShapCAM as _ShapCAM
-from shapcam_ext.postprocess import scale_cam_image
 from shapcam_ext.targets import ClassifierOutputSoftmaxTarget
 
-Layer = Union[torch.nn.Module, str]
+_CAM = import_optional("torchcam.methods.core", "torchcam")._CAM
+
+Layer = Union[nn.Module, str]
 
 
-class ShapCAM:
-    """Shap-CAM with torchcam's interface.
+class ShapCAM(_CAM):
+    """Shap-CAM with torchcam's extractor interface.
 
-    ``ShapCAM(model, target_layer=...)`` hooks the model's input; after a forward pass,
-    ``extractor(class_idx, scores)`` returns one (B, h, w) map per target layer, ReLU'd and
-    min-max normalised per image like torchcam's ``normalized=True`` (signed when False).
-    Keyword arguments are the sampling settings of :class:`shapcam_ext.ShapCAM`.
+    The map of a target layer is the Shapley value of each of its positions for the softmax
+    probability of the class (the paper's Y^c), estimated by the engine on the input of the last
+    forward pass. ``scores`` are not needed: the extractor evaluates the model itself.
+
+    Calling the extractor, ``cam_extractor(class_idx, scores=None, normalized=True)``, returns a
+    list with one (N, h, w) map per target layer, of the layer activation's dtype and device:
+    ReLU'd and min-max normalised per image to [0, 1] with torchcam's own normalisation when
+    ``normalized``; otherwise the signed Shapley values (the paper's map, like torchcam's CAM,
+    which is not ReLU'd either), summing to Y^c(input) - Y^c(baseline activation). With
+    ``group_size=g > 1`` each cell holds an equal share of its g x g player's value.
+
+    Args:
+        model: the network; its first positional forward argument is the input explained.
+        target_layer: the layer(s), as modules or qualified names; None lets torchcam pick the
+            last layer with a spatial output for an input of ``input_shape`` (it logs its choice).
+        input_shape: (C, H, W) of one input, used only to find the default layer.
+        enable_hooks: whether the hooks record from the start (see ``enable_hooks()`` /
+            ``disable_hooks()``).
+        reshape_transform: maps a target layer's output that is not (N, C, h, w), such as ViT
+            tokens, to that shape; torchcam's hooks and the engine both use it.
+        **options: the sampling settings of :class:`shapcam_ext.ShapCAM` (``n_permutations``,
+            ``seed``, ``group_size``, ``baseline``, ...).
 
     Raises:
-        RuntimeError: called before any forward pass of the model.
+        ValueError: an unknown layer name, no default layer found, or bad sampling settings.
+        TypeError: a target layer that is neither a module nor a name.
     """
 
-    def __init__(self, model: torch.nn.Module, target_layer: Union[Layer, Sequence[Layer]], **options):
-        layers = list(target_layer) if isinstance(target_layer, (list, tuple)) else [target_layer]
-        self.cam = _ShapCAM(model, layers, **options)
-        self._input: Optional[torch.Tensor] = None
-        self._hook = model.register_forward_pre_hook(self._store_input)
+    def __init__(
+        self,
+        model: nn.Module,
+        target_layer: Optional[Union[Layer, List[Layer]]] = None,
+        input_shape: Tuple[int, ...] = (3, 224, 224),
+        enable_hooks: bool = True,
+        reshape_transform: Optional[Callable[[Tensor], Tensor]] = None,
+        **options: Any,
+    ) -> None:
+        super().__init__(model, target_layer, input_shape, enable_hooks, reshape_transform)
+        self.options = options
+        try:
+            self.cam = _ShapCAM(model, self.target_names, reshape_transform, **options)
+        except Exception:
+            self.remove_hooks()  # torchcam registered its hooks already; don't leave them on the user's model
+            raise
+        self.hook_handles.append(model.register_forward_pre_hook(self._store_input))
 
-    def _store_input(self, module, args):
-        self._input = args[0].detach()
+    def _store_input(self, _: nn.Module, args: Tuple[Any, ...]) -> None:
+        if self._hooks_enabled:
+            self._input = args[0].detach().clone()  # as torchcam: later in-place edits of the input must not leak in
 
-    def __call__(self, class_idx: Union[int, Sequence[int]], scores: Optional[torch.Tensor] = None,
-                 normalized: bool = True) -> List[torch.Tensor]:
-        x = self._input
-        if x is None:
-            raise RuntimeError("run the model on your input before calling the extractor (torchcam's convention)")
-        batch = x.shape[0]
-        classes = [class_idx] * batch if isinstance(class_idx, int) else list(class_idx)
-        targets = [ClassifierOutputSoftmaxTarget(c) for c in classes]
-        maps = []
-        for layer in range(len(self.cam.engines)):
-            cams = torch.stack([r.feature_map for r in self.cam.explain(x, targets, layer)])
-            maps.append(torch.from_numpy(scale_cam_image(cams.clamp_min(0))) if normalized else cams.float())
-        self._input = x  # the hook path of an untraceable model reruns the model inside explain()
-        return maps
+    def reset_hooks(self) -> None:
+        """Clear the stored activations and input."""
+        super().reset_hooks()
+        self._input: Optional[Tensor] = None
 
-    def remove_hooks(self) -> None:
-        self._hook.remove()
+    def compute_cams(
+        self,
+        class_idx: Union[int, Sequence[int]],
+        scores: Any = None,
+        normalized: bool = True,
+        *,
+        targets: None = None,
+    ) -> List[Tensor]:
+        """One map per target layer for the last input (torchcam's ``__call__`` checks the arguments first).
 
-    def __enter__(self) -> "ShapCAM":
-        return self
+        Args:
+            class_idx: the class of every image, or one class per image.
+            scores: unused; the extractor evaluates the model itself.
+            normalized: ReLU and min-max normalise each map to [0, 1]; False returns the signed values.
+            targets: always None: arbitrary output targets are refused by torchcam's check.
 
-    def __exit__(self, *exc) -> None:
-        self.remove_hooks()
+        Returns:
+            (N, h, w) maps, one per target layer, in the order of ``target_names``.
+
+        Raises:
+            shapcam_ext.BatchError: some images could not be explained (non-finite activations).
+        """
+        classes = [class_idx] * self._input.shape[0] if isinstance(class_idx, int) else class_idx
+        worth = [ClassifierOutputSoftmaxTarget(c) for c in classes]
+        group = self.cam.config.group_size
+        cams = []
+        for layer, activation in enumerate(self.hook_a):
+            # torchcam's own switches: the engine's forward passes run in eval mode and leave the hooked state alone
+            with self._hooks_off(), self._eval_mode():
+                results = self.cam.explain(self._input, worth, layer)
+            cam = torch.stack([cell_values(r, group) for r in results]).to(activation)
+            cams.append(self._normalize(cam.clamp_min(0)) if normalized else cam)
+        return cams
+
+    def _extra_repr(self) -> str:
+        return super()._extra_repr() + "".join(f", {key}={value!r}" for key, value in self.options.items())
