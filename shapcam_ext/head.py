@@ -242,6 +242,8 @@ def _fx_split(model: nn.Module, name: str) -> SplitModel:
         graph = _CutTracer(name, leaves, functions).trace(model)
     except Exception as err:  # fx raises many types for untraceable Python (TraceError, TypeError, ...)
         reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        if "not installed as a submodule" in reason:  # fx's wording for a module held outside the model
+            reason = "the model calls a module that is not one of its submodules"
         raise _NotTraceable(f"{type(err).__name__}: {reason}") from err
     cuts = [n for n in graph.nodes if n.op == "call_module" and n.target == name]
     if len(cuts) != 1:

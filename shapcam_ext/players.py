@@ -76,12 +76,20 @@ class PlayerGrid:
         return tokens.view((-1,) + tuple(source.shape[1:]))
 
     def to_map(self, values: torch.Tensor) -> torch.Tensor:
-        """Per-player values (..., H, W) spread over the feature grid (..., h, w) for display."""
+        """Per-player values (..., H, W) spread over the feature grid (..., h, w): each position holds
+        an equal share of its player's value (a group cut by the grid's edge shares it among the
+        positions it covers), so the map sums to the players' total."""
         if self.group_size == 1:
             return values
         g = self.group_size
-        full = values.repeat_interleave(g, -2).repeat_interleave(g, -1)
-        return full[..., : self.grid_shape[-2], : self.grid_shape[-1]]
+        h, w = self.grid_shape[-2:]
+        full = values.repeat_interleave(g, -2).repeat_interleave(g, -1)[..., :h, :w]
+        return full / (_positions_per_player(h, g)[:, None] * _positions_per_player(w, g)[None, :])
+
+
+def _positions_per_player(size: int, group_size: int) -> torch.Tensor:
+    """Along one axis: how many positions the player covering each position spans (fewer at the edge)."""
+    return (size - torch.arange(size) // group_size * group_size).clamp(max=group_size)
 
 
 def _token_index(activation: torch.Tensor, reshape_transform: Callable, grid: torch.Tensor) -> torch.Tensor:

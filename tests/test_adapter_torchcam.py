@@ -77,12 +77,25 @@ def test_torchcams_checks_and_hook_switches(resnet):
         model(x)
         with pytest.raises(ValueError, match="batch size"):
             extractor([0, 1, 2])
-        with pytest.raises(ValueError, match="does not support arbitrary output targets"):
-            extractor(targets=lambda out: out[0])
+        with pytest.raises(ValueError, match="exactly one of class_idx or targets"):
+            extractor(0, targets=lambda out: out[0])
         assert len(extractor([0, 1])) == 1
         extractor.reset_hooks()
         with pytest.raises(AssertionError, match="forwarded"):
             extractor(0)
+
+
+def test_torchcam_output_targets_are_scored_per_sample_like_the_core(resnet):
+    model, x = resnet
+    margin = lambda out: out[3] - out[5]  # noqa: E731  one sample's output, torchcam's target contract
+    with ShapCAM(model, "layer4", **SETTINGS) as extractor:
+        model(x)
+        shared = extractor(targets=margin, normalized=False)[0]
+        per_sample = extractor(targets=[margin, margin], normalized=False)[0]
+    core = CoreShapCAM(model, ["layer4"], **SETTINGS).explain(x, [margin, margin])
+    expected = torch.stack([r.shapley for r in core]).float()
+    torch.testing.assert_close(shared, expected)
+    torch.testing.assert_close(per_sample, expected)
 
 
 def test_raw_maps_are_the_cores_shapley_values_of_the_class_probability(resnet):

@@ -5,18 +5,16 @@ extractor) and ``.captum`` (a Captum ``LayerAttribution``) each import their lib
 are imported themselves; ``import shapcam_ext`` imports none of them.
 
 Grouped players (``group_size=g > 1``): the engine values each g x g block of feature-map cells
-as one player. The torchcam and Captum maps give each cell an equal share of its player's value
-(a block cut by the map's edge shares it among the cells it covers), so a map sums to the score
-difference Y(full) - Y(baseline) exactly as the players' values do.
+as one player. The torchcam and Captum maps are the results' ``feature_map``, where each cell
+holds an equal share of its player's value (a block cut by the map's edge shares it among the
+cells it covers), so a map sums to the score difference Y(full) - Y(baseline) exactly as the
+players' values do.
 """
 from __future__ import annotations
 
 import importlib
 from types import ModuleType
 
-import torch
-
-from shapcam_ext.engine import ShapleyResult
 
 
 def import_optional(module: str, extra: str) -> ModuleType:
@@ -30,18 +28,3 @@ def import_optional(module: str, extra: str) -> ModuleType:
     except ImportError as err:
         library = module.split(".")[0]
         raise ImportError(f'{library} is not installed; install it with: pip install "shapcam_ext[{extra}]"') from err
-
-
-def cell_values(result: ShapleyResult, group_size: int) -> torch.Tensor:
-    """The (h, w) feature-map map of ``result`` with each cell holding an equal share of its player's value.
-
-    ``result.feature_map`` repeats a grouped player's value over its cells (for display); dividing
-    by the number of cells each player covers makes the map sum to the players' total.
-    """
-    h, w = result.feature_map.shape[-2:]
-
-    def cells_per_player(size: int) -> torch.Tensor:
-        """Along one axis: how many cells the player covering each position spans (fewer at the edge)."""
-        return (size - torch.arange(size) // group_size * group_size).clamp(max=group_size)
-
-    return result.feature_map / (cells_per_player(h)[:, None] * cells_per_player(w)[None, :])

@@ -19,16 +19,16 @@ nothing more and could not be named in annotations or ``isinstance`` checks.
 from __future__ import annotations
 
 import operator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any, Callable, Iterator, List, Tuple, Union
+from typing import Any, Callable, List, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
-from shapcam_ext.adapters import cell_values, import_optional
+from shapcam_ext.adapters import import_optional
 from shapcam_ext.cam import ShapCAM
+from shapcam_ext.model_state import eval_semantics
 from shapcam_ext.targets import ClassifierOutputTarget, Target
 
 LayerAttribution = import_optional("captum.attr", "captum").LayerAttribution
@@ -107,13 +107,13 @@ class LayerShapCAM(LayerAttribution):
         inputs = inputs if isinstance(inputs, tuple) else (inputs,)
         args = _as_tuple(additional_forward_args)
         explainer, engine_input = self._explainer(inputs, args)
-        with _eval_mode(explainer.model), torch.no_grad():
+        with eval_semantics(explainer.model):
             output = explainer.model(engine_input)
             indices = _target_indices(target, output)
             results = explainer.explain(engine_input, [_engine_target(i, output) for i in indices])
 
         dtype = inputs[0].dtype if inputs[0].is_floating_point() else torch.get_default_dtype()
-        maps = torch.stack([cell_values(r, explainer.config.group_size) for r in results])[:, None]
+        maps = torch.stack([r.feature_map for r in results])[:, None]
         maps = maps.to(inputs[0].device, dtype)
         if not return_convergence_delta:
             return maps
@@ -227,15 +227,3 @@ def _as_tuple(additional_forward_args: Any) -> Tuple[Any, ...]:
     if additional_forward_args is None:
         return ()
     return additional_forward_args if isinstance(additional_forward_args, tuple) else (additional_forward_args,)
-
-
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Runs ``model`` under eval semantics, as the engine explains it, then restores every module's mode."""
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in modes:
-            module.training = training

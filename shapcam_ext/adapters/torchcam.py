@@ -24,11 +24,12 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from shapcam_ext.adapters import cell_values, import_optional
+from shapcam_ext.adapters import import_optional
 from shapcam_ext.cam import ShapCAM as _ShapCAM
 from shapcam_ext.targets import ClassifierOutputSoftmaxTarget
 
-_CAM = import_optional("torchcam.methods.core", "torchcam")._CAM
+_core = import_optional("torchcam.methods.core", "torchcam")
+_CAM = _core._CAM
 
 Layer = Union[nn.Module, str]
 
@@ -74,6 +75,7 @@ class ShapCAM(_CAM):
         **options: Any,
     ) -> None:
         super().__init__(model, target_layer, input_shape, enable_hooks, reshape_transform)
+        self._targets_supported = True  # the engine scores any per-sample output target
         self.options = options
         try:
             self.cam = _ShapCAM(model, self.target_names, reshape_transform, **options)
@@ -93,19 +95,21 @@ class ShapCAM(_CAM):
 
     def compute_cams(
         self,
-        class_idx: Union[int, Sequence[int]],
+        class_idx: Union[int, Sequence[int], None] = None,
         scores: Any = None,
         normalized: bool = True,
         *,
-        targets: None = None,
+        targets: Any = None,
     ) -> List[Tensor]:
         """One map per target layer for the last input (torchcam's ``__call__`` checks the arguments first).
 
         Args:
-            class_idx: the class of every image, or one class per image.
+            class_idx: the class of every image, or one class per image; its softmax probability
+                is the worth.
             scores: unused; the extractor evaluates the model itself.
             normalized: ReLU and min-max normalise each map to [0, 1]; False returns the signed values.
-            targets: always None: arbitrary output targets are refused by torchcam's check.
+            targets: instead of ``class_idx``, torchcam's output targets: one callable on a
+                sample's output for the whole batch, or one per sample.
 
         Returns:
             (N, h, w) maps, one per target layer, in the order of ``target_names``.
@@ -113,15 +117,18 @@ class ShapCAM(_CAM):
         Raises:
             shapcam_ext.BatchError: some images could not be explained (non-finite activations).
         """
-        classes = [class_idx] * self._input.shape[0] if isinstance(class_idx, int) else class_idx
-        worth = [ClassifierOutputSoftmaxTarget(c) for c in classes]
-        group = self.cam.config.group_size
+        batch = self._input.shape[0]
+        if targets is not None:
+            worth = _core._resolve_targets(targets, batch)
+        else:
+            classes = [class_idx] * batch if isinstance(class_idx, int) else class_idx
+            worth = [ClassifierOutputSoftmaxTarget(c) for c in classes]
         cams = []
         for layer, activation in enumerate(self.hook_a):
             # torchcam's own switches: the engine's forward passes run in eval mode and leave the hooked state alone
             with self._hooks_off(), self._eval_mode():
                 results = self.cam.explain(self._input, worth, layer)
-            cam = torch.stack([cell_values(r, group) for r in results]).to(activation)
+            cam = torch.stack([r.feature_map for r in results]).to(activation)
             cams.append(self._normalize(cam.clamp_min(0)) if normalized else cam)
         return cams
 
