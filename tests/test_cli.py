@@ -17,8 +17,8 @@ from PIL import Image
 import shapcam_ext
 from shapcam_ext.cli import main
 from shapcam_ext.engine import ShapleyResult
-from shapcam_ext.images import bundled_photos
-from shapcam_ext.overlay import explanation_figure, heatmap_overlay
+from shapcam_ext.cli.images import bundled_photos
+from shapcam_ext.cli.overlay import explanation_figure, heatmap_overlay
 from shapcam_ext.targets import ClassTarget
 
 FEW = ["--permutations", "16"]

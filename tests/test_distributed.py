@@ -3,7 +3,7 @@ import json
 import subprocess
 import sys
 
-from shapcam_ext.images import bundled_photos
+from shapcam_ext.cli.images import bundled_photos
 
 
 def test_torchrun_splits_images_and_keeps_their_order(tmp_path):

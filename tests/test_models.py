@@ -6,8 +6,8 @@ import timm.data
 import torch
 from torch import nn
 
-from shapcam_ext.images import bundled_photos, load_image, preprocess, to_display_rgb
-from shapcam_ext.models import (
+from shapcam_ext.cli.images import bundled_photos, load_image, preprocess, to_display_rgb
+from shapcam_ext.cli.models import (
     DEFAULT_MODEL,
     PreprocessConfig,
     default_layer,

@@ -15,7 +15,7 @@ import torchvision.transforms.functional as TF
 from PIL import Image, UnidentifiedImageError
 from torchvision.transforms import InterpolationMode
 
-from shapcam_ext.models import PreprocessConfig
+from shapcam_ext.cli.models import PreprocessConfig
 
 __all__ = ["bundled_photos", "load_image", "preprocess", "to_display_rgb"]
 

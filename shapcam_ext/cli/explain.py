@@ -18,11 +18,11 @@ from typing import TYPE_CHECKING, Callable, Optional, Sequence
 import torch
 
 import shapcam_ext
-from shapcam_ext import distributed
+from shapcam_ext.cli import distributed
 from shapcam_ext._backend import backend_info
 
 if TYPE_CHECKING:
-    from shapcam_ext.models import PreprocessConfig
+    from shapcam_ext.cli.models import PreprocessConfig
 
 DEFAULT_PERMUTATIONS = 256
 DEFAULT_PERMUTATION_CAP = 4096  # with --tolerance
@@ -78,7 +78,7 @@ def _methods(text: str) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from shapcam_ext.models import DEFAULT_MODEL
+    from shapcam_ext.cli.models import DEFAULT_MODEL
 
     parser = argparse.ArgumentParser(
         prog="shapcam", description="Shap-CAM: Shapley values of a layer's feature-map positions as saliency maps."
@@ -176,7 +176,7 @@ class Session:
 
 def _open_session(args: argparse.Namespace) -> Session:
     """Loads the model and builds the explainer; raises SetupError naming what is wrong."""
-    from shapcam_ext.models import default_layer, imagenet_classes, load_model
+    from shapcam_ext.cli.models import default_layer, imagenet_classes, load_model
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SetupError(f"--device cuda: CUDA is not available to torch {torch.__version__}; use --device cpu")
@@ -229,8 +229,8 @@ def _compare(session: Session, method: str, x: torch.Tensor, category: int):
 
 def _explain_image(session: Session, image: Path, png: Path) -> dict:
     """Explains one image, writes its figure, and returns its record (see ``run_explain``)."""
-    from shapcam_ext.images import load_image, preprocess, to_display_rgb
-    from shapcam_ext.overlay import explanation_figure, save_figure
+    from shapcam_ext.cli.images import load_image, preprocess, to_display_rgb
+    from shapcam_ext.cli.overlay import explanation_figure, save_figure
 
     args = session.args
     picture = load_image(image)
@@ -313,7 +313,7 @@ def run_explain(args: argparse.Namespace) -> int:
     """
     from tqdm.auto import tqdm
 
-    from shapcam_ext.images import bundled_photos
+    from shapcam_ext.cli.images import bundled_photos
 
     images = [Path(p) for p in args.images] or list(bundled_photos().values())
     if not images:
