@@ -101,7 +101,8 @@ def test_converged_map_agrees_with_captum_on_the_real_model():
     """Lite0 with its real ImageNet weights, 96x96 cat (3x3 = 9 players), the paper's Y^c."""
     from captum.attr import ShapleyValueSampling
 
-    from shapcam_ext.cli.images import bundled_photos, load_image, preprocess
+    from shapcam_ext.cli.images import bundled_photos, load_image
+    from shapcam_ext.cli.preprocessing import preprocess
     from shapcam_ext.cli.models import load_model
 
     model, cfg = load_model("tf_efficientnet_lite0")

@@ -22,7 +22,7 @@ from shapcam_ext.cli import distributed
 from shapcam_ext._backend import backend_info
 
 if TYPE_CHECKING:
-    from shapcam_ext.cli.models import PreprocessConfig
+    from shapcam_ext.cli.preprocessing import PreprocessConfig
 
 DEFAULT_PERMUTATIONS = 256
 DEFAULT_PERMUTATION_CAP = 4096  # with --tolerance
@@ -229,7 +229,8 @@ def _compare(session: Session, method: str, x: torch.Tensor, category: int):
 
 def _explain_image(session: Session, image: Path, png: Path) -> dict:
     """Explains one image, writes its figure, and returns its record (see ``run_explain``)."""
-    from shapcam_ext.cli.images import load_image, preprocess, to_display_rgb
+    from shapcam_ext.cli.images import load_image
+    from shapcam_ext.cli.preprocessing import preprocess, unnormalize
     from shapcam_ext.cli.overlay import explanation_figure, save_figure
 
     args = session.args
@@ -251,7 +252,7 @@ def _explain_image(session: Session, image: Path, png: Path) -> dict:
     label = f"{image.name} · {args.model}: {name} ({probabilities[category]:.1%})"
     if category != int(probabilities.argmax()):
         label += f"; top class {session.class_name(int(probabilities.argmax()))} ({probabilities.max():.1%})"
-    save_figure(explanation_figure(to_display_rgb(picture, session.preprocess), result, label, panels), png)
+    save_figure(explanation_figure(unnormalize(x[0], session.preprocess), result, label, panels), png)
 
     top = probabilities.topk(min(5, session.n_classes))
     return {

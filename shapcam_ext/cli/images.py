@@ -1,23 +1,14 @@
-"""Photos that ship with installed packages, image loading and model-input preprocessing.
-
-``preprocess`` and ``to_display_rgb`` apply the same resize and crop, so a saliency map computed
-on the tensor lines up pixel for pixel with the image returned for overlays.
-"""
+"""Finding and decoding the images to explain: bundled photos, folders, every PIL mode, EXIF orientation."""
 from __future__ import annotations
 
-import math
+import importlib
 from pathlib import Path
-from typing import Union
+from typing import Iterable, Union
 
 import numpy as np
-import torch
-import torchvision.transforms.functional as TF
-from PIL import Image, UnidentifiedImageError
-from torchvision.transforms import InterpolationMode
+from PIL import Image, ImageOps, UnidentifiedImageError
 
-from shapcam_ext.cli.models import PreprocessConfig
-
-__all__ = ["bundled_photos", "load_image", "preprocess", "to_display_rgb"]
+__all__ = ["bundled_photos", "expand_images", "load_image", "to_rgb"]
 
 # (package, folder inside it, file names)
 _PHOTO_SOURCES = [
@@ -26,14 +17,17 @@ _PHOTO_SOURCES = [
     ("sklearn", "datasets/images", ("china.jpg", "flower.jpg")),
 ]
 
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa")
+# The value that means white in each high-depth grey mode: PIL keeps 16-bit samples in "I;16*"
+# and often in "I"; "F" holds floats, taken as [0, 1].
+_FULL_SCALE = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": 65535, "F": 1.0}
+
 
 def bundled_photos() -> dict[str, Path]:
     """Real photos found in installed packages, keyed by file stem (``"chelsea"``, ``"grace_hopper"``...).
 
     Packages or files that are absent are skipped, so the dict may hold fewer than nine photos.
     """
-    import importlib
-
     photos = {}
     for package, folder, files in _PHOTO_SOURCES:
         try:
@@ -46,47 +40,67 @@ def bundled_photos() -> dict[str, Path]:
     return photos
 
 
+def expand_images(paths: Iterable[Union[str, Path]]) -> list[Path]:
+    """The image files named by ``paths``: files as given, folders replaced by their images.
+
+    A folder contributes the files directly inside it whose extension PIL reads, sorted by name.
+    A folder with none is kept as it is, so that :func:`load_image` reports it as an error of its
+    own and the other images still run.
+    """
+    readable = {ext.lower() for ext in Image.registered_extensions()}
+    images = []
+    for path in map(Path, paths):
+        found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in readable) if path.is_dir() else []
+        images.extend(found or [path])
+    return images
+
+
+def _eight_bit(values: np.ndarray, full_scale: float) -> Image.Image:
+    """Grey levels mapped to 0..255: by ``full_scale`` when they lie within it, else stretched min..max."""
+    values = values.astype(np.float64)
+    low, high = float(values.min()), float(values.max())
+    if low < 0 or high > full_scale:
+        values, full_scale = values - low, (high - low) or 1.0
+    return Image.fromarray(np.round(values * (255.0 / full_scale)).astype(np.uint8), mode="L")
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """An image of any PIL mode as 8-bit RGB, upright.
+
+    EXIF orientation is applied. 16-bit grey (``I;16``) is scaled by 65535 / 255; 32-bit integer
+    (``I``) likewise when its values fit in 16 bits, and float (``F``) by 255 when they lie in
+    [0, 1]; values outside those ranges are stretched from their minimum to their maximum.
+    Transparent pixels (alpha channel, or a palette/grey/RGB ``transparency`` entry) are composited
+    over white, the way viewers show them; their stored colour is often arbitrary. CMYK, YCbCr,
+    palette and 1-bit images go through PIL's own conversion.
+    """
+    img = ImageOps.exif_transpose(img)
+    if img.mode in _FULL_SCALE:
+        img = _eight_bit(np.asarray(img), _FULL_SCALE[img.mode])
+    if img.mode in _ALPHA_MODES or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        img = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)
+    return img.convert("RGB")
+
+
 def load_image(path: Union[str, Path]) -> Image.Image:
-    """Open an image file as RGB.
+    """Open an image file as upright 8-bit RGB (see :func:`to_rgb`).
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        ValueError: the file is not a readable image (unknown format, truncated, corrupt).
+        ValueError: ``path`` is a folder without images, or not a readable image (unknown format,
+            truncated, corrupt, too large to decode safely).
     """
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder with no image files in it; pass image files or a folder of images")
     if not path.is_file():
         raise FileNotFoundError(f"image not found: {path}")
     try:
         with Image.open(path) as img:
-            return img.convert("RGB")  # decodes the whole file, so truncation shows up here
+            img.load()  # decodes the whole file, so truncation shows up here
+            return to_rgb(img)
     except Image.DecompressionBombError as err:
         raise ValueError(f"{path} is too large to decode safely ({err}); downscale it first") from err
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise ValueError(f"{path} is not a readable image ({type(err).__name__}); check the file") from err
-
-
-def _resize_crop(img: Image.Image, cfg: PreprocessConfig) -> Image.Image:
-    """timm's eval resize and centre crop (transforms_imagenet_eval, 'center' and 'squash' modes)."""
-    height, width = cfg.input_size
-    scale = [math.floor(height / cfg.crop_pct), math.floor(width / cfg.crop_pct)]
-    if cfg.crop_mode == "center":
-        if scale[0] == scale[1]:
-            scale = scale[:1]  # torchvision semantics: the shorter side becomes scale, aspect kept
-        else:
-            factor = max(scale[0] / img.height, scale[1] / img.width)  # cover scale, aspect kept
-            scale = [round(img.height * factor), round(img.width * factor)]
-    elif cfg.crop_mode != "squash":
-        raise ValueError(f"unsupported crop_mode {cfg.crop_mode!r}; use 'center' or 'squash'")
-    resized = TF.resize(img, scale, interpolation=InterpolationMode(cfg.interpolation))
-    return TF.center_crop(resized, [height, width])
-
-
-def preprocess(img: Image.Image, cfg: PreprocessConfig) -> torch.Tensor:
-    """Resize, centre-crop and normalise an RGB image into a (1, 3, H, W) float32 batch."""
-    tensor = TF.to_tensor(_resize_crop(img, cfg))
-    return TF.normalize(tensor, list(cfg.mean), list(cfg.std)).unsqueeze(0)
-
-
-def to_display_rgb(img: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
-    """The resized, cropped image as float32 H x W x 3 in [0, 1], aligned with ``preprocess``."""
-    return np.asarray(_resize_crop(img, cfg), dtype=np.float32) / 255.0

