@@ -1,19 +1,29 @@
-"""Sharding a list of work items across the processes that torchrun starts.
+"""Sharing a list of work items among the processes that torchrun starts.
 
-Outside torchrun (no WORLD_SIZE > 1) everything is a no-op: one process takes every item.
+Items are dealt round-robin: in round r, the process of rank k takes item r * size + k. After
+each round every process learns the round's results, so rank 0 can report them in item order
+while the run goes on. Outside torchrun (no WORLD_SIZE > 1) one process takes every item and
+nothing is exchanged.
 """
 from __future__ import annotations
 
 import os
 from contextlib import contextmanager
-from typing import Iterator, List, Sequence
+from typing import Any, Iterator, Optional
 
 import torch.distributed as dist
 
+__all__ = ["gather", "local_rank", "process_group", "rounds", "world"]
 
-def world() -> tuple:
+
+def world() -> tuple[int, int]:
     """(rank, world size) of this process, from torchrun's environment."""
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def local_rank() -> int:
+    """This process's rank on its own machine (torchrun's LOCAL_RANK; 0 outside torchrun)."""
+    return int(os.environ.get("LOCAL_RANK", 0))
 
 
 @contextmanager
@@ -30,21 +40,21 @@ def process_group() -> Iterator[None]:
         dist.destroy_process_group()
 
 
-def my_share(count: int) -> List[int]:
-    """Indices of the items this process handles: every size-th, from its rank."""
+def rounds(count: int) -> Iterator[Optional[int]]:
+    """This process's item index in each round, or None in a last round with fewer items than processes.
+
+    Every process sees the same number of rounds, so each can call :func:`gather` once per round.
+    """
     rank, size = world()
-    return list(range(rank, count, size))
+    for start in range(0, count, size):
+        yield start + rank if start + rank < count else None
 
 
-def gather_in_order(local: Sequence, count: int) -> list:
-    """Every process's results for its share, reassembled in item order on every rank."""
-    rank, size = world()
+def gather(item: Any) -> list:
+    """Every process's ``item`` of this round, in rank order (that is, item order); [item] outside torchrun."""
+    size = world()[1]
     if size == 1:
-        return list(local)
-    shares: list = [None] * size
-    dist.all_gather_object(shares, list(local))
-    ordered = [None] * count
-    for r, share in enumerate(shares):
-        for index, item in zip(range(r, count, size), share):
-            ordered[index] = item
-    return ordered
+        return [item]
+    items: list = [None] * size
+    dist.all_gather_object(items, item)
+    return items

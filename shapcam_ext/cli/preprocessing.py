@@ -10,11 +10,13 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from functools import lru_cache
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
-from PIL import Image
+
+if TYPE_CHECKING:  # PIL comes with the cli extra; `shapcam info` runs without it
+    from PIL import Image
 
 __all__ = [
     "LITE0_PREPROCESS",
