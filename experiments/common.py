@@ -31,7 +31,8 @@ import shapcam_ext  # noqa: E402
 from shapcam_ext import ClassifierOutputSoftmaxTarget, ShapCAM  # noqa: E402
 from shapcam_ext.postprocess import scale_cam_image  # noqa: E402
 from shapcam_ext.cli.images import bundled_photos, load_image  # noqa: E402
-from shapcam_ext.cli.models import default_layer, load_model  # noqa: E402
+from shapcam_ext.cli.layers import default_layer  # noqa: E402
+from shapcam_ext.cli.models import load_model  # noqa: E402
 from shapcam_ext.cli.preprocessing import PreprocessConfig, preprocess, to_display_rgb  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"

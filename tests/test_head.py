@@ -10,7 +10,8 @@ from torch.testing import assert_close
 
 from shapcam_ext.head import module_name, split_model
 from shapcam_ext.cli.images import bundled_photos, load_image
-from shapcam_ext.cli.models import default_layer, imagenet_classes, load_model
+from shapcam_ext.cli.layers import default_layer
+from shapcam_ext.cli.models import imagenet_classes, load_model
 from shapcam_ext.cli.preprocessing import preprocess
 
 

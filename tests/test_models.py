@@ -1,4 +1,4 @@
-"""Model loading, checkpoints, default layers and the preprocessing each library prescribes."""
+"""Model loading, checkpoints, target layers and the preprocessing each library prescribes."""
 
 import dataclasses
 
@@ -12,15 +12,9 @@ from torch import nn
 from torchvision.transforms import InterpolationMode
 
 from shapcam_ext.cli.images import bundled_photos, load_image
-from shapcam_ext.cli.models import (
-    DEFAULT_MODEL,
-    default_layer,
-    imagenet_classes,
-    load_checkpoint,
-    load_model,
-    remap_efficientnet_pytorch_keys,
-    require_feature_map,
-)
+from shapcam_ext.cli.checkpoints import load_checkpoint, remap_efficientnet_pytorch_keys
+from shapcam_ext.cli.layers import default_layer, require_feature_map
+from shapcam_ext.cli.models import DEFAULT_MODEL, imagenet_classes, load_model
 from shapcam_ext.cli.preprocessing import for_torchvision_weights, preprocess, to_display_rgb, unnormalize
 
 

@@ -11,7 +11,8 @@ import torch
 import shapcam_ext
 from shapcam_ext.cli import distributed
 from shapcam_ext.cli.errors import IMAGE_ERRORS, CommandError
-from shapcam_ext.cli.models import default_layer, imagenet_classes, load_model, require_feature_map
+from shapcam_ext.cli.layers import default_layer, require_feature_map
+from shapcam_ext.cli.models import imagenet_classes, load_model
 from shapcam_ext.cli.parser import DEFAULT_PERMUTATION_CAP, DEFAULT_PERMUTATIONS
 from shapcam_ext.cli.preprocessing import PreprocessConfig
 
