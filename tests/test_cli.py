@@ -208,6 +208,15 @@ def test_a_layer_without_a_feature_map_suggests_layers_not_reshape_transform(che
     ]
 
 
+def test_quiet_leaves_only_errors_and_verbose_adds_tracebacks(chelsea, tmp_path):
+    quiet = shapcam("explain", chelsea, *FEW, "--model", "resnet18", "--layer", "fc", "-q", "--out", tmp_path)
+    assert quiet.code == 1 and quiet.err.splitlines() == quiet.errors and len(quiet.errors) == 1  # no warning
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(b"not an image")
+    verbose = shapcam("explain", corrupt, "-v", "--out", tmp_path)
+    assert verbose.code == 1 and len(verbose.errors) == 1 and "Traceback (most recent call last)" in verbose.err
+
+
 def test_non_finite_scores_fail_the_image_and_the_json_stays_valid(chelsea, tmp_path):
     model, _ = load_model("resnet18")
     state = model.state_dict()

@@ -11,6 +11,7 @@ from typing import Optional, Sequence
 
 from shapcam_ext.cli.errors import EXIT_FAILED, EXIT_INTERRUPTED, CommandError
 from shapcam_ext.cli.logs import LOGGER, command_logging
+from shapcam_ext.cli.parser import build_parser
 
 __all__ = ["main"]
 
@@ -21,10 +22,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     0 on success, 1 if the setup or any image failed, 2 for a usage error (argparse exits with
     it), 130 when interrupted. Diagnostics go to stderr, one line each; records to stdout.
     """
-    from shapcam_ext.cli.parser import build_parser
-
     args = build_parser().parse_args(argv)
-    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    level = logging.DEBUG if args.verbose else logging.ERROR if args.quiet else logging.INFO
     with command_logging(level):
         try:
             return args.run(args)

@@ -61,7 +61,7 @@ def _eight_bit(values: np.ndarray, full_scale: float) -> Image.Image:
     low, high = float(values.min()), float(values.max())
     if low < 0 or high > full_scale:
         values, full_scale = values - low, (high - low) or 1.0
-    return Image.fromarray(np.round(values * (255.0 / full_scale)).astype(np.uint8), mode="L")
+    return Image.fromarray(np.round(values * (255.0 / full_scale)).astype(np.uint8))  # uint8 (H, W): mode L
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
