@@ -21,8 +21,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from shapcam_ext import ShapCAM, backend_info  # noqa: E402
-from shapcam_ext.images import bundled_photos, load_image, preprocess  # noqa: E402
-from shapcam_ext.models import imagenet_classes, load_model  # noqa: E402
+from shapcam_ext.cli.images import bundled_photos, load_image  # noqa: E402
+from shapcam_ext.cli.models import imagenet_classes, load_model  # noqa: E402
+from shapcam_ext.cli.preprocessing import preprocess  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -38,8 +38,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from shapcam_ext import ShapCAM, backend_info, fastpath  # noqa: E402
-from shapcam_ext.images import bundled_photos, load_image, preprocess  # noqa: E402
-from shapcam_ext.models import load_model  # noqa: E402
+from shapcam_ext.cli.images import bundled_photos, load_image  # noqa: E402
+from shapcam_ext.cli.models import load_model  # noqa: E402
+from shapcam_ext.cli.preprocessing import preprocess  # noqa: E402
 from shapcam_ext.players import PlayerGrid  # noqa: E402
 from shapcam_ext.sampling import sample_permutations  # noqa: E402
 from shapcam_ext.targets import ClassifierOutputSoftmaxTarget  # noqa: E402

@@ -30,8 +30,10 @@ warnings.filterwarnings("ignore", message="shapcam_ext: the compiled library")  
 import shapcam_ext  # noqa: E402
 from shapcam_ext import ClassifierOutputSoftmaxTarget, ShapCAM  # noqa: E402
 from shapcam_ext.postprocess import scale_cam_image  # noqa: E402
-from shapcam_ext.images import bundled_photos, load_image, preprocess, to_display_rgb  # noqa: E402
-from shapcam_ext.models import PreprocessConfig, default_layer, load_model  # noqa: E402
+from shapcam_ext.cli.images import bundled_photos, load_image  # noqa: E402
+from shapcam_ext.cli.layers import default_layer  # noqa: E402
+from shapcam_ext.cli.models import load_model  # noqa: E402
+from shapcam_ext.cli.preprocessing import PreprocessConfig, preprocess, to_display_rgb  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = ("GradCAM", "GradCAM++", "ScoreCAM", "ShapCAM")
@@ -162,7 +164,7 @@ class MapCache:
 def box_to_input(box, image_size: tuple[int, int], cfg: PreprocessConfig) -> list[float]:
     """Map a box (x0, y0, x1, y1) in original-image pixels into the model input's pixels.
 
-    Mirrors shapcam_ext.images' resize + centre crop ("squash" or "center" mode) and clips to the crop.
+    Mirrors shapcam_ext.cli.preprocessing's resize + centre crop ("squash" or "center" mode) and clips to the crop.
     """
     width, height = image_size
     in_h, in_w = cfg.input_size

@@ -22,7 +22,7 @@ from common import (
     map_arguments, parse_map_arguments, random_map, save_json, save_map_grid,
 )
 from shapcam_ext.metrics import average_drop, explanation_input, increase_in_confidence
-from shapcam_ext.models import imagenet_classes
+from shapcam_ext.cli.models import imagenet_classes
 
 QUICK_IMAGES = ["chelsea", "coffee", "rocket"]
 

@@ -109,8 +109,9 @@ def test_converged_map_agrees_with_captum_on_the_real_model():
     """Lite0 with its real ImageNet weights, 96x96 cat (3x3 = 9 players), the paper's Y^c."""
     from captum.attr import ShapleyValueSampling
 
-    from shapcam_ext.images import bundled_photos, load_image, preprocess
-    from shapcam_ext.models import load_model
+    from shapcam_ext.cli.images import bundled_photos, load_image
+    from shapcam_ext.cli.preprocessing import preprocess
+    from shapcam_ext.cli.models import load_model
 
     model, cfg = load_model("tf_efficientnet_lite0")
     x = preprocess(load_image(bundled_photos()["chelsea"]), dataclasses.replace(cfg, input_size=(96, 96)))
@@ -149,7 +150,7 @@ def test_drop_in_snippet_on_the_listed_models(name, layer):
     """The pytorch-grad-cam snippet, unchanged but for the import, on every listed model."""
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget as TheirSoftmax
 
-    from shapcam_ext.models import load_model
+    from shapcam_ext.cli.models import load_model
 
     with pytest.warns(UserWarning, match="random weights") if name != "tf_efficientnet_lite0" else nullcontext():
         model, _ = load_model(name)

@@ -9,8 +9,10 @@ from torch import nn
 from torch.testing import assert_close
 
 from shapcam_ext.head import module_name, split_model
-from shapcam_ext.images import bundled_photos, load_image, preprocess
-from shapcam_ext.models import default_layer, imagenet_classes, load_model
+from shapcam_ext.cli.images import bundled_photos, load_image
+from shapcam_ext.cli.layers import default_layer
+from shapcam_ext.cli.models import imagenet_classes, load_model
+from shapcam_ext.cli.preprocessing import preprocess
 
 
 def _model(name: str) -> nn.Module:

@@ -1,21 +1,21 @@
-"""Model loading, checkpoints, default layers, bundled photos and preprocessing."""
+"""Model loading, checkpoints, target layers and the preprocessing each library prescribes."""
+
+import dataclasses
 
 import numpy as np
 import pytest
-import timm.data
+import safetensors.torch
 import torch
+import torchvision
+import torchvision.transforms.functional as TF
 from torch import nn
+from torchvision.transforms import InterpolationMode
 
-from shapcam_ext.images import bundled_photos, load_image, preprocess, to_display_rgb
-from shapcam_ext.models import (
-    DEFAULT_MODEL,
-    PreprocessConfig,
-    default_layer,
-    imagenet_classes,
-    load_checkpoint,
-    load_model,
-    remap_efficientnet_pytorch_keys,
-)
+from shapcam_ext.cli.images import bundled_photos, load_image
+from shapcam_ext.cli.checkpoints import load_checkpoint, remap_efficientnet_pytorch_keys
+from shapcam_ext.cli.layers import default_layer, require_feature_map
+from shapcam_ext.cli.models import DEFAULT_MODEL, imagenet_classes, load_model
+from shapcam_ext.cli.preprocessing import for_torchvision_weights, preprocess, to_display_rgb, unnormalize
 
 
 def _random_state(model: nn.Module) -> dict:
@@ -30,15 +30,30 @@ def _assert_same_state(model: nn.Module, state: dict) -> None:
         assert torch.equal(own[key], value), key
 
 
-@pytest.mark.parametrize("wrap", [lambda s: s, lambda s: {"state_dict": s}, lambda s: {"model": {f"module.{k}": v for k, v in s.items()}}],
-                         ids=["plain", "state_dict-wrapper", "model-wrapper-dataparallel"])
+def _zeros(state: dict) -> dict:
+    return {k: torch.zeros_like(v) for k, v in state.items()}
+
+
+@pytest.mark.parametrize("wrap", [
+    lambda s: s,
+    lambda s: {"state_dict": s},
+    lambda s: {"model": {f"module.{k}": v for k, v in s.items()}},
+    lambda s: {"state_dict": _zeros(s), "state_dict_ema": s, "epoch": 3},  # timm's train checkpoints
+], ids=["plain", "state_dict-wrapper", "model-wrapper-dataparallel", "timm-ema"])
 def test_checkpoint_round_trip(tmp_path, wrap):
     model, _ = load_model("resnet18")
     state = _random_state(model)
     torch.save(wrap(state), tmp_path / "w.pth")
     loaded, cfg = load_model("resnet18", weights=tmp_path / "w.pth")
     _assert_same_state(loaded, state)
-    assert not loaded.training and cfg == PreprocessConfig()
+    assert not loaded.training and cfg == for_torchvision_weights("resnet18")
+
+
+def test_safetensors_checkpoint(tmp_path):
+    model, _ = load_model("resnet18")
+    state = _random_state(model)
+    safetensors.torch.save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "w.safetensors")
+    _assert_same_state(load_model("resnet18", weights=tmp_path / "w.safetensors")[0], state)
 
 
 # EfficientNet-PyTorch names written out by hand (FACTS.md), the inverse of the loader's mapping.
@@ -135,7 +150,8 @@ def test_library_prefix_picks_the_implementation():
     tv, tv_cfg = load_model("torchvision:efficientnet_b0")
     tm, tm_cfg = load_model("timm:efficientnet_b0")
     assert type(tv).__module__.startswith("torchvision") and type(tm).__module__.startswith("timm")
-    assert tm_cfg.interpolation == "bicubic" and tv_cfg == PreprocessConfig()
+    assert tm_cfg.interpolation == "bicubic" and tm_cfg.crop_pct == 0.875
+    assert tv_cfg.interpolation == "bicubic" and tv_cfg.crop_pct == 224 / 256  # its weights' transforms()
 
 
 FAMILIES = {
@@ -170,32 +186,53 @@ def test_imagenet_classes():
     assert len(classes) == 1000 and classes[285] == "Egyptian cat"
 
 
-def test_bundled_photos_and_preprocessing():
-    photos = bundled_photos()
-    assert len(photos) >= 5 and {"chelsea", "coffee"} <= photos.keys()
-    img = load_image(photos["chelsea"])
-    for cfg in (PreprocessConfig(), PreprocessConfig(input_size=(160, 160), interpolation="bicubic", crop_pct=0.95),
-                PreprocessConfig(mean=(0.5,) * 3, std=(0.5,) * 3, crop_pct=1.0, crop_mode="squash")):
-        timm_transform = timm.data.create_transform(
-            input_size=(3, *cfg.input_size), interpolation=cfg.interpolation, mean=cfg.mean, std=cfg.std,
-            crop_pct=cfg.crop_pct, crop_mode=cfg.crop_mode,
-        )
-        x = preprocess(img, cfg)
-        assert torch.equal(x, timm_transform(img).unsqueeze(0))
-        rgb = to_display_rgb(img, cfg)
-        assert rgb.shape == (*cfg.input_size, 3) and rgb.dtype == np.float32
-        mean, std = torch.tensor(cfg.mean).view(3, 1, 1), torch.tensor(cfg.std).view(3, 1, 1)
-        torch.testing.assert_close(torch.from_numpy(rgb).permute(2, 0, 1), x[0] * std + mean)
+@pytest.fixture(scope="module")
+def chelsea():
+    return load_image(bundled_photos()["chelsea"])
 
 
-def test_unreadable_images(tmp_path):
-    path = tmp_path / "broken.png"
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(100))
-    with pytest.raises(ValueError, match="broken.png"):
-        load_image(path)
-    truncated = tmp_path / "truncated.png"
-    truncated.write_bytes(bundled_photos()["chelsea"].read_bytes()[:2000])
-    with pytest.raises(ValueError, match="truncated.png"):
-        load_image(truncated)
-    with pytest.raises(FileNotFoundError, match="absent.png"):
-        load_image(tmp_path / "absent.png")
+@pytest.mark.parametrize("arch, size", [("efficientnet_b3", 300), ("inception_v3", 299), ("resnet50", 224)])
+def test_torchvision_models_use_their_weights_transforms(chelsea, arch, size):
+    _, cfg = load_model(arch)
+    ours = preprocess(chelsea, cfg)
+    theirs = torchvision.models.get_model_weights(arch).DEFAULT.transforms()(chelsea)
+    assert ours.shape == (1, 3, size, size)
+    torch.testing.assert_close(ours[0], theirs, atol=1e-6, rtol=0)
+
+
+def test_timm_models_use_their_data_config(chelsea):
+    _, cfg = load_model("timm:resnet50")
+    assert (cfg.interpolation, cfg.crop_pct) == ("bicubic", 0.95)
+    assert preprocess(chelsea, dataclasses.replace(cfg, input_size=(160, 160))).shape == (1, 3, 160, 160)
+
+
+def test_default_model_keeps_its_measured_preprocessing(chelsea):
+    model, cfg = load_model()
+    x = preprocess(chelsea, cfg)
+    # a plain bicubic 224 x 224 resize of RGB in [0, 1], normalised with mean = std = 0.5
+    plain = TF.to_tensor(TF.resize(chelsea, [224, 224], interpolation=InterpolationMode.BICUBIC)) * 2 - 1
+    torch.testing.assert_close(x[0], plain, atol=1e-6, rtol=0)
+    with torch.no_grad():
+        assert model(x).softmax(-1)[0, 285].item() == pytest.approx(0.77, abs=0.01)  # Egyptian cat
+
+
+@pytest.mark.parametrize("name", ["resnet50", "inception_v3", "timm:resnet18", DEFAULT_MODEL])
+def test_display_image_is_the_model_input_unnormalised(chelsea, name):
+    _, cfg = load_model(name, pretrained_default=False)
+    x = preprocess(chelsea, cfg)
+    rgb = to_display_rgb(chelsea, cfg)
+    assert rgb.shape == (*cfg.input_size, 3) and rgb.dtype == np.float32 and 0 <= rgb.min() and rgb.max() <= 1
+    mean, std = torch.tensor(cfg.mean).view(3, 1, 1), torch.tensor(cfg.std).view(3, 1, 1)
+    torch.testing.assert_close(torch.from_numpy(rgb).permute(2, 0, 1), (x[0] * std + mean).clamp(0, 1))
+    np.testing.assert_array_equal(unnormalize(x[0], cfg), rgb)
+
+
+@pytest.mark.parametrize("name, layer", [("resnet18", "fc"), (DEFAULT_MODEL, "global_pool")])
+def test_a_layer_without_a_feature_map_is_refused_with_candidates(name, layer):
+    model, cfg = load_model(name, pretrained_default=False)
+    with pytest.raises(ValueError) as info:
+        require_feature_map(name, model, layer, cfg.input_size)
+    message = str(info.value)
+    assert f"{layer!r} outputs shape (1, " in message and "(B, C, h, w)" in message
+    assert f"{default_layer(name, model)} (the default)" in message and "reshape_transform" not in message
+    require_feature_map(name, model, default_layer(name, model), cfg.input_size)

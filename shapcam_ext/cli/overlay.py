@@ -5,8 +5,7 @@ global figure state builds up over a long run and no display is needed.
 """
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Mapping, Optional, Union
+from typing import Mapping, Optional
 
 import numpy as np
 from matplotlib import colormaps
@@ -16,7 +15,7 @@ from matplotlib.figure import Figure
 from shapcam_ext.engine import ShapleyResult
 from shapcam_ext.targets import ClassTarget
 
-__all__ = ["explanation_figure", "heatmap_overlay", "run_summary", "save_figure"]
+__all__ = ["explanation_figure", "heatmap_overlay", "run_summary"]
 
 PANEL_INCHES = 3.3
 
@@ -91,7 +90,7 @@ def explanation_figure(
         colormap: colormap of the overlays.
 
     Returns:
-        A matplotlib Figure on an Agg canvas; save it with :func:`save_figure`.
+        A matplotlib Figure on an Agg canvas (``outputs.write_figure`` saves it).
     """
     comparisons = dict(comparisons or {})
     panels = 3 + len(comparisons)
@@ -120,11 +119,3 @@ def explanation_figure(
     bar.set_label(f"Δ {_score_unit(result)}", fontsize=9)
     bar.ax.tick_params(labelsize=8)
     return fig
-
-
-def save_figure(fig: Figure, path: Union[str, Path], dpi: int = 110) -> Path:
-    """Write ``fig`` as a PNG, creating the folder; returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi, facecolor="white")
-    return path
