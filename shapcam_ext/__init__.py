@@ -5,7 +5,7 @@ from shapcam_ext.engine import BatchError, SamplingConfig, ShapleyResult
 from shapcam_ext.ops import linear_walk_, masked_prefixes, scatter_marginals_
 from shapcam_ext.targets import ClassifierOutputSoftmaxTarget, ClassifierOutputTarget, ClassTarget
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "BatchError", "ClassTarget", "ClassifierOutputSoftmaxTarget", "ClassifierOutputTarget", "SamplingConfig",

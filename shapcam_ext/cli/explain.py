@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import time
 from pathlib import Path
 
@@ -59,11 +58,10 @@ def _shapley(session: Session, x: torch.Tensor, category: int) -> ShapleyResult:
         raise ValueError(err.failures[0]) from err
 
 
-def _require_finite(result: ShapleyResult, probabilities: torch.Tensor) -> None:
-    """Non-finite scores make a meaningless map, and JSON cannot carry them."""
-    finite = (torch.isfinite(probabilities).all() and torch.isfinite(result.shapley).all()
-              and math.isfinite(result.value_full) and math.isfinite(result.value_empty))
-    if not finite:
+def _require_finite(probabilities: torch.Tensor) -> None:
+    """The engine refuses non-finite worths; the record's top classes need finite probabilities too
+    (JSON cannot carry NaN)."""
+    if not bool(torch.isfinite(probabilities).all()):
         raise ValueError(
             "the model's scores are NaN or Inf, so the map would be too; check the weights (--weights) and the image"
         )
@@ -89,10 +87,10 @@ def explain_image(session: Session, image: Path, outputs: Outputs) -> dict:
     x = preprocess(load_image(image), session.preprocess).to(session.device)
     with torch.no_grad():
         probabilities = session.model(x).softmax(-1)[0].cpu()
+    _require_finite(probabilities)
     top_class = int(probabilities.argmax())
     category = top_class if args.target is None else args.target
     result = _shapley(session, x, category)
-    _require_finite(result, probabilities)
 
     panels, compare = {}, {}
     for method in args.compare:
@@ -102,7 +100,6 @@ def explain_image(session: Session, image: Path, outputs: Outputs) -> dict:
 
     name = session.class_name(category)
     top = probabilities.topk(min(5, session.n_classes))
-    max_std_error = result.max_std_error
     record = new_record(
         "explained", image, outputs,
         model=args.model,
@@ -114,7 +111,7 @@ def explain_image(session: Session, image: Path, outputs: Outputs) -> dict:
         antithetic=args.antithetic,
         seed=args.seed,
         tolerance=args.tolerance,
-        max_std_error=max_std_error if math.isfinite(max_std_error) else None,  # undefined for one permutation
+        max_std_error=result.max_std_error,  # None when undefined (a single unit of permutations)
         efficiency_gap=result.efficiency_gap,
         value_full=result.value_full,
         value_empty=result.value_empty,

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
+import torch
 
 from shapcam_ext.cli.errors import CommandError
 from shapcam_ext.engine import ShapleyResult
@@ -88,7 +90,7 @@ def write_maps(path: Path, result: ShapleyResult, cam: np.ndarray, record: dict)
     Args:
         path: where to write.
         result: the image's ShapleyResult; its signed map and standard errors are saved as
-            ``shapley`` and ``std_error`` (float64, h x w; std_error NaN where undefined).
+            ``shapley`` and ``std_error`` (float64, h x w; std_error NaN when undefined).
         cam: the [0, 1] map at input resolution, as the overlay shows it, saved as ``cam``.
         record: the image's record, saved as the JSON text ``record`` (``np.load(path)["record"]``).
 
@@ -97,7 +99,9 @@ def write_maps(path: Path, result: ShapleyResult, cam: np.ndarray, record: dict)
     """
     metadata = json.dumps(record, allow_nan=False)
     arrays = {
-        "shapley": result.shapley.numpy(), "std_error": result.std_error.numpy(),
+        "shapley": result.shapley.numpy(),
+        "std_error": (result.std_error if result.std_error is not None else torch.full_like(result.shapley, math.nan)
+                      ).numpy(),
         "cam": cam.astype(np.float32), "record": np.array(metadata),
     }
     _write_atomically(path, lambda file: np.savez_compressed(file, **arrays))

@@ -57,8 +57,9 @@ def _score_unit(result: ShapleyResult) -> str:
 
 def run_summary(result: ShapleyResult) -> str:
     """One line with the run's figures: permutations, largest standard error, efficiency gap, time."""
+    std_error = "undefined" if result.max_std_error is None else f"{result.max_std_error:.2g}"
     return (
-        f"{result.n_permutations} permutations · max std error {result.max_std_error:.2g} · "
+        f"{result.n_permutations} permutations · max std error {std_error} · "
         f"efficiency gap {result.efficiency_gap:.1e} · {result.seconds:.3g} s · {result.backend} backend"
     )
 

@@ -137,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help=f"permutations to sample (default {DEFAULT_PERMUTATIONS}; "
                               f"the cap with --tolerance, default {DEFAULT_PERMUTATION_CAP})")
     explain.add_argument("--tolerance", type=_positive(float), metavar="E",
-                         help="sample until max std error / max |value| < E")
+                         help="sample until the map's relative L2 error is below E with 90%% confidence")
     explain.add_argument("--antithetic", action=argparse.BooleanOptionalAction, default=True,
                          help="pair each permutation with its reverse (default: on)")
     explain.add_argument("--seed", type=_seed, default=0, help="permutation seed, 0 to 2**64 - 1 (default 0)")
