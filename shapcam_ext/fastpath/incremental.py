@@ -36,9 +36,10 @@ from shapcam_ext.targets import Scorer, Target
 
 GENERIC, RECOMPUTE, TABLE = "generic", "recompute", "table"
 # The recompute walk gathers and scatters its boxes and runs each layer once per step on K rows
-# rather than once on K (n + 1): measured on ConvNeXt-T's last block at 7 x 7 (whole-map boxes),
-# it ran 0.75-1.03x as fast as its flops promise against the generic path.
-RECOMPUTE_OVERHEAD = 1.2
+# rather than once on K (n + 1) rows: on ConvNeXt-T's last block at 7 x 7 (boxes of the whole map,
+# 2% fewer flops than the generic path) it ran 0.92-1.1x as fast as the generic path; so it must
+# promise 10% more to be chosen. (On Lite0 blocks.4 it beat its flops: 1.9x against 1.3x.)
+RECOMPUTE_OVERHEAD = 1.1
 
 
 @dataclass
@@ -97,8 +98,7 @@ def prepare(pattern: HeadPattern, players: Tensor, base_map: Tensor, held: tuple
         return RecomputeWalk(plan, pattern.front, pattern.tail, start, targets, scorer, planner, tail_row)
     table = states.build(plan, pattern.linear, planner)
     b, n, width = players.shape[0], plan.size[0] * plan.size[1], table.shape[-1]
-    per_permutation = b * (n + 1) * (tail_row + 3 * width * table.element_size()) \
-        + b * n * states.reach * (states.mates + 4) * 8
+    per_permutation = b * (n + 1) * (tail_row + 3 * width * table.element_size()) + b * n * states.reach * 6 * 8
     return RunningWalk("incremental-table", start, FootprintSteps(states, table), pattern.tail, targets, scorer,
                        planner, n, per_permutation)
 
@@ -115,9 +115,11 @@ def _costs(plan: BodyPlan, width: int, projected: bool, permutations: int) -> di
     n = plan.size[0] * plan.size[1]
     front = output.channels * output.area + (2 * output.channels * width if projected else 0)
     boxes = sum(v.flops * v.axes[0].box * v.axes[1].box for v in plan.values.values() if not v.pre)
+    # the walks also pay for the plan (two bodies) and their check on one probe permutation
+    walked = permutations + 1
     costs = {GENERIC: permutations * (n + 1) * (plan.body_flops() + front),
-             RECOMPUTE: permutations * n * (boxes + front) * RECOMPUTE_OVERHEAD}
+             RECOMPUTE: 2 * plan.body_flops() + walked * n * (boxes + front) * RECOMPUTE_OVERHEAD}
     if footprint_bits(output.axes, plan.size) <= MAX_BITS:
         # a step adds and removes one row per footprint that holds the entering position
-        costs[TABLE] = permutations * n * 2 * output.axes[0].box * output.axes[1].box * width
+        costs[TABLE] = 2 * plan.body_flops() + walked * n * 2 * output.axes[0].box * output.axes[1].box * width
     return costs

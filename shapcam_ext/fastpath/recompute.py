@@ -74,8 +74,12 @@ class RecomputeWalk(Walk):
                        for node in self.kept}
         self.margins = sorted({plan.values[u].margin for reads in self.reads.values()
                                for u, read in reads.items() if read.kind == PRE})
-        self.padded = {u: (_pad(plan.keep[u], plan.values[u]), _pad(plan.base[u], plan.values[u]))
+        # a position-wise value's kept maps of the B images, then its baseline maps
+        self.padded = {u: torch.cat([_position_major(m[u], read.layout, plan.values[u].margin)
+                                     for m in (plan.keep, plan.base)])
                        for reads in self.reads.values() for u, read in reads.items() if read.kind == PRE}
+        self.maps = {u: _position_major(plan.keep[u], read.layout)
+                     for reads in self.reads.values() for u, read in reads.items() if read.kind == MAP}
         self.empty = scorer(targets, start if tail is None else tail(start), 1).double()  # (B, 1)
         element = start.element_size()
         state = sum(_padded_numel(plan.values[u]) for u in self.kept)
@@ -146,7 +150,8 @@ class RecomputeWalk(Walk):
         h, w = plan.size
         ranks = permutation_ranks(perms).view(k, 1, h, w)
         padded_ranks = {m: F.pad(ranks, (m, m, m, m), value=n).flatten(1) for m in self.margins}
-        states = {u: _pad(plan.base[u], plan.values[u]).repeat_interleave(k, 0) for u in self.kept}
+        states = {u: _position_major(plan.base[u], plan.values[u].layout, plan.values[u].margin).repeat_interleave(k, 0)
+                  for u in self.kept}
         rows = {u: plan.keep[u].repeat_interleave(k, 0) for reads in self.reads.values()
                 for u, read in reads.items() if read.kind == ROWS}
         out = torch.empty(self.batch, k, n + 1, dtype=torch.float64, device=perms.device)
@@ -160,8 +165,8 @@ class RecomputeWalk(Walk):
                     step.write(node, patch)
             g = states[output]
             if margin:
-                g = g[..., margin:g.shape[-2] - margin, margin:g.shape[-1] - margin]
-            front = self.front(g)
+                g = g[:, margin:g.shape[1] - margin, margin:g.shape[2] - margin]
+            front = self.front(_in_layout(g, plan.values[output].layout))
             out[:, :, t + 1] = self.scorer(self.targets, front if self.tail is None else self.tail(front), k)
         return out
 
@@ -193,14 +198,13 @@ class _Step:
     def write(self, node: fx.Node, patch: Tensor) -> None:
         """Stores ``node``'s box into its kept map."""
         index = self.walk.writes[node]
+        rows = _position_major(patch, self.walk.plan.values[node].layout)
         if index is None:
-            self.states[node] = patch.contiguous()
+            self.states[node] = rows
             return
-        layout = self.walk.plan.values[node].layout
         state = self.states[node]
-        flat, dim = _flat(state, layout)
-        idx = _row_index(index[self.positions], state.shape[0] // self.k, layout, flat.shape)
-        flat.scatter_(dim, idx, _flat(patch.contiguous(), layout)[0])
+        flat = _flat_index(index[self.positions], state, per_row=True)
+        state.view(-1, state.shape[-1]).index_copy_(0, flat, rows.view(-1, rows.shape[-1]))
 
     def _read(self, source: fx.Node, read: _Read) -> Any:
         if read.kind == FRESH:
@@ -209,17 +213,19 @@ class _Step:
             return self.rows[source]
         if read.kind == STATE:
             state = self.states[source]
-            return state if read.index is None else _gather_rows(state, read, self.positions, self.k)
-        plan = self.walk.plan
+            rows = state if read.index is None else _gather(state, read.index[self.positions], read.size, True)
+            return _in_layout(rows, read.layout)
         if read.kind == MAP:
-            return _gather_images(plan.keep[source], read, self.positions)
-        keep, base = self.walk.padded[source]
-        index = read.index[self.positions]  # PRE: each position's kept or baseline value, by whether it is in
-        member = self.padded_ranks[plan.values[source].margin].gather(1, index) <= self.t  # (K, L)
-        batch = keep.shape[0]
-        shape = (1, self.k, 1, *read.size) if read.layout != NHWC else (1, self.k, *read.size, 1)
-        kept, baseline = (_gather_images(m, read, self.positions).unflatten(0, (batch, self.k)) for m in (keep, base))
-        return torch.where(member.view(shape), kept, baseline).flatten(0, 1)
+            return _in_layout(_gather(self.walk.maps[source], read.index[self.positions], read.size, False),
+                              read.layout)
+        maps = self.walk.padded[source]  # PRE: each position's kept or baseline value, by whether it is in
+        index = read.index[self.positions]
+        out = self.padded_ranks[self.walk.plan.values[source].margin].gather(1, index) > self.t  # (K, L)
+        images = maps.shape[0] // 2
+        flat = _flat_index(index, maps[:images], False).view(images, self.k, -1) + out * (maps[:images].numel()
+                                                                                     // maps.shape[-1])
+        rows = maps.view(-1, maps.shape[-1]).index_select(0, flat.flatten())
+        return _in_layout(rows.view(-1, *read.size, maps.shape[-1]), read.layout)
 
 
 def _box_size(value: Value) -> tuple[int, int]:
@@ -230,43 +236,30 @@ def _padded_numel(value: Value) -> int:
     return value.channels * (value.axes[0].length + 2 * value.margin) * (value.axes[1].length + 2 * value.margin)
 
 
-def _pad(tensor: Tensor, value: Value) -> Tensor:
-    """The map with its margin of zeros on both spatial dimensions."""
-    m = value.margin
-    if not m:
-        return tensor
-    return F.pad(tensor, (0, 0, m, m, m, m) if value.layout == NHWC else (m, m, m, m))
+def _position_major(tensor: Tensor, layout: str, margin: int = 0) -> Tensor:
+    """(N, H + 2m, W + 2m, C), contiguous: a map in ``layout`` position by position (channels last,
+    so that a box is a gather of whole rows, and convolutions get their fastest layout), with a
+    margin of m zeros."""
+    rows = tensor if layout == NHWC else tensor.permute(0, 2, 3, 1)
+    return (F.pad(rows, (0, 0, margin, margin, margin, margin)) if margin else rows).contiguous()
 
 
-def _flat(tensor: Tensor, layout: str) -> tuple[Tensor, int]:
-    """The tensor with its spatial dimensions flattened into one, and that dimension."""
-    return (tensor.flatten(1, 2), 1) if layout == NHWC else (tensor.flatten(2), 2)
+def _in_layout(rows: Tensor, layout: str) -> Tensor:
+    """A position-major (N, h, w, C) box as its node reads it: NCHW (channels-last strides) or NHWC."""
+    return rows if layout == NHWC else rows.permute(0, 3, 1, 2)
 
 
-def _row_index(index: Tensor, images: int, layout: str, shape: torch.Size) -> Tensor:
-    """(K, L) box indices repeated for every image, expanded over the channels of a flat map."""
-    index = index.repeat(images, 1)
-    return index[:, :, None].expand(shape[0], -1, shape[2]) if layout == NHWC else \
-        index[:, None, :].expand(shape[0], shape[1], -1)
+def _flat_index(index: Tensor, maps: Tensor, per_row: bool) -> Tensor:
+    """Row indices into ``maps`` (N, Hp, Wp, C) viewed as (N * Hp * Wp, C) of the (K, L) box
+    positions ``index``, for every row of the walk (image-major): rows have their own maps
+    (``per_row``: N = B * K) or share their image's (N = B)."""
+    k = index.shape[0]
+    positions = maps.shape[1] * maps.shape[2]
+    first = torch.arange(maps.shape[0], device=index.device).view(-1, k if per_row else 1, 1) * positions
+    return (first + index.view(1, k, -1)).flatten()
 
 
-def _gather_rows(state: Tensor, read: _Read, positions: Tensor, k: int) -> Tensor:
-    """The box of every row's entering position from per-row maps (B * K, ...)."""
-    flat, dim = _flat(state, read.layout)
-    patch = flat.gather(dim, _row_index(read.index[positions], state.shape[0] // k, read.layout, flat.shape))
-    return _unflat(patch, read)
-
-
-def _gather_images(maps: Tensor, read: _Read, positions: Tensor) -> Tensor:
-    """The box of every permutation's entering position from per-image maps (B, ...), as (B * K, ...)."""
-    flat, dim = _flat(maps, read.layout)
-    index = read.index[positions]  # (K, L)
-    patch = flat.index_select(dim, index.flatten())
-    if read.layout == NHWC:  # (B, K * L, C)
-        return _unflat(patch.reshape(-1, index.shape[1], patch.shape[-1]), read)
-    b, c = patch.shape[:2]  # (B, C, K * L)
-    return _unflat(patch.view(b, c, -1, index.shape[1]).transpose(1, 2).reshape(-1, c, index.shape[1]), read)
-
-
-def _unflat(patch: Tensor, read: _Read) -> Tensor:
-    return patch.unflatten(1, read.size) if read.layout == NHWC else patch.unflatten(2, read.size)
+def _gather(maps: Tensor, index: Tensor, size: tuple[int, int], per_row: bool) -> Tensor:
+    """(B * K, h, w, C): the (K, L) box positions ``index`` of every row (see ``_flat_index``)."""
+    rows = maps.view(-1, maps.shape[-1]).index_select(0, _flat_index(index, maps, per_row))
+    return rows.view(-1, *size, maps.shape[-1])

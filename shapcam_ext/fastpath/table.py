@@ -20,7 +20,6 @@ from torch import Tensor, nn
 
 from shapcam_ext.fastpath.receptive import Axis, BodyPlan
 from shapcam_ext.memory import MemoryPlanner, cost_per_unit
-from shapcam_ext.reference import permutation_ranks
 
 MAX_BITS = 16  # 65536 maps of the body; a larger table never pays for itself
 
@@ -48,12 +47,9 @@ class FootprintStates:
                 xs = _inside(ax.footprint(torch.tensor(qx)), w)
                 footprints.append([y * w + x for y in ys for x in xs])
         self.cells = len(footprints)
-        self.mates = max(len(f) for f in footprints)
         n = h * w
         offsets, masks, entered = [0], [], [[] for _ in range(n)]
-        slots = torch.full((self.cells + 1, self.mates), n, dtype=torch.long)  # n: a position never in
         for q, positions in enumerate(footprints):
-            slots[q, :len(positions)] = torch.tensor(positions, dtype=torch.long)
             states = torch.arange(2 ** len(positions))[:, None] >> torch.arange(len(positions)) & 1
             masks.append((states << bit[positions]).sum(1))
             offsets.append(offsets[-1] + 2 ** len(positions))
@@ -73,7 +69,7 @@ class FootprintStates:
         self.row_map, self.order = row_map.to(device), self.order.to(device)
         self.row_cell = torch.repeat_interleave(torch.arange(self.cells), torch.tensor(offsets).diff()).to(device)
         self.bit = bit.view(h, w).to(device)
-        self.slots, self.cell, self.added = slots.to(device), cell.to(device), added.to(device)
+        self.cell, self.added = cell.to(device), added.to(device)
         self.offsets = torch.tensor(offsets, device=device)  # offsets[cells] = rows: the zero row
 
     def build_flops(self, body_flops: int, channels: int, width: int, projected: bool) -> int:
@@ -121,18 +117,19 @@ class FootprintSteps:
         self.states, self.table = states, table.flatten(0, 1)
         self.batch, self.width = table.shape[0], table.shape[-1]
         self.image_offset = torch.arange(self.batch, device=table.device) * table.shape[1]
-        self.slot_bits = 2 ** torch.arange(states.mates, device=table.device)
         self.signs = torch.tensor([1.0, -1.0], dtype=table.dtype, device=table.device).repeat(states.reach)
 
     def __call__(self, perms: Tensor) -> Tensor:
         s = self.states
         k, n = perms.shape
-        ranks = torch.cat([permutation_ranks(perms), perms.new_full((k, 1), n)], 1)
-        cell = s.cell[perms]  # (K, n, J): the cells whose footprint each step enters
-        mates = s.slots[cell].view(k, -1)
-        before = ranks.gather(1, mates).view(cell.shape + (-1,)) < torch.arange(n, device=perms.device).view(1, n, 1, 1)
-        old = s.offsets[cell] + (before * self.slot_bits).sum(-1)
-        new = old + s.added[perms]
+        cell, added = s.cell[perms], s.added[perms]  # (K, n, J): the footprints each step enters, its bit in each
+        state = perms.new_zeros(k, s.cells + 1)  # every cell's footprint state (the last: a cell of zero rows)
+        before = torch.empty_like(cell)
+        for t in range(n):
+            before[:, t] = state.gather(1, cell[:, t])
+            state.scatter_(1, cell[:, t], before[:, t] | added[:, t])
+        old = s.offsets[cell] + before
+        new = old + added
         index = torch.stack([new, old], -1)  # (K, n, J, 2)
         index = torch.cat([index[:, :1], index], 1).view(1, k * (n + 1), -1)  # any bag for [:, :, 0]
         index = index + self.image_offset.view(-1, 1, 1)
