@@ -72,9 +72,9 @@ MODELS = [
     ("timm:tf_efficientnet_lite0", "conv_head", "pooled-linear"),  # BatchNormAct2d before the pool
     ("convnext_tiny", "features.7.2.block.0", "pooled"),  # permute, LayerNorm, Linear, GELU in NHWC
     ("timm:convnext_atto", "stages.3.blocks.1.conv_dw", "pooled"),  # F.layer_norm, 1x1 convs, gamma, skip
-    # a 3x3 conv follows, then a held skip (2x2 maps: the cost model picks a walk for 6 permutations)
+    # a 3x3 conv follows, then a held skip: on 2x2 maps the cost model tabulates the 16 states
     ("resnet18", "layer4.1.conv1", "incremental-table"),
-    ("timm:tf_efficientnet_lite0", "blocks.5", "incremental-recompute"),  # blocks.6's 3x3 depthwise conv
+    ("timm:tf_efficientnet_lite0", "blocks.5", "incremental-table"),  # blocks.6's 3x3 depthwise conv
 ]
 
 

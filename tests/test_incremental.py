@@ -155,7 +155,7 @@ def test_any_convolution_geometry_is_walked_exactly(kernel, stride, padding, dil
     # layers of fan-in <= 64), so the means of K marginals agree to 1e-6 of it; a wrong box or index
     # moves a marginal by the size of the map itself, which is checked to be far above that
     scale = max(abs(generic.value_full), abs(generic.value_empty))
-    assert float(generic.shapley.abs().max()) > 100 * 1e-6 * scale, "degenerate test case"
+    assume(float(generic.shapley.abs().max()) > 100 * 1e-6 * scale)  # else the map is too faint to compare
     torch.testing.assert_close(fast.shapley, generic.shapley, rtol=0, atol=1e-6 * scale)
 
 

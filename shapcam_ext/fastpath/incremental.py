@@ -76,7 +76,7 @@ def estimate(pattern: HeadPattern, players: Tensor, base_map: Tensor, held: tupl
     states = None
     if TABLE in costs:
         states = FootprintStates(output.axes, plan.size, players.device)
-        costs[TABLE] += states.build_flops(plan.body_flops(), output.channels, width, linear is not None)
+        costs[TABLE] += states.build_flops(plan.body_flops(pre=False), output.channels, width, linear is not None)
         if states.table_bytes(players.shape[0], output.channels, width, players.element_size()) > memory_budget:
             del costs[TABLE]
     return Estimate(plan, start, costs, states)

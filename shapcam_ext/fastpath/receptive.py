@@ -185,7 +185,6 @@ class BodyPlan:
     values: the activation-dependent nodes, in graph order, the activation first.
     output: the pool's input node.
     keep, base: every node's value with every / no position kept, (B, ...).
-    batched: the nodes computed from held inputs that carry the images' batch.
     runner: runs single nodes.
     """
 
@@ -194,7 +193,6 @@ class BodyPlan:
     output: fx.Node
     keep: dict[fx.Node, Any]
     base: dict[fx.Node, Any]
-    batched: set[fx.Node]
     runner: NodeRunner
 
     def __post_init__(self):
@@ -229,9 +227,10 @@ class BodyPlan:
         first = self.values[next(iter(self.values))]
         return first.axes[0].length, first.axes[1].length
 
-    def body_flops(self) -> int:
-        """One evaluation of the body on full maps, per image."""
-        return sum(v.flops * v.area for v in self.values.values())
+    def body_flops(self, pre: bool = True) -> int:
+        """One evaluation of the body on full maps, per image; without the position-wise layers
+        before the convolutions unless ``pre`` (``evaluate`` runs from the frontier)."""
+        return sum(v.flops * v.area for v in self.values.values() if pre or not v.pre)
 
 
 def plan_body(pattern: HeadPattern, players: Tensor, base_map: Tensor, held: tuple) -> Optional[BodyPlan]:
@@ -256,7 +255,7 @@ def plan_body(pattern: HeadPattern, players: Tensor, base_map: Tensor, held: tup
             source = values[node.args[0]]
             source.margin = max(source.margin, *(
                 value.conv.margin(source.axes[a].length, value.axes[a].length, a) for a in (0, 1)))
-    return BodyPlan(gm, values, output, keep, base, batched, runner)
+    return BodyPlan(gm, values, output, keep, base, runner)
 
 
 def _value(node: fx.Node, pattern: HeadPattern, gm: fx.GraphModule, keep: dict, values: dict, batched: set,

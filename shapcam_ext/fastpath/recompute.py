@@ -126,7 +126,7 @@ class RecomputeWalk(Walk):
         return reads
 
     def _box(self, node: fx.Node, source: Optional[fx.Node], shift: tuple[int, int], size: tuple[int, int],
-             stride: tuple[int, int] = (1, 1)) -> Optional[Tensor]:
+             stride: tuple[int, int] = (1, 1)) -> Tensor:
         """(n, L) flat indices into ``source``'s padded map (its unpadded map for None: a held map of
         ``node``'s size) of the box that starts at ``node``'s box start * stride + shift."""
         value = self.plan.values[node if source is None else source]
