@@ -15,6 +15,7 @@ from torch.utils._pytree import tree_leaves
 from exact import exact_shapley
 from shapcam_ext import ShapCAM, fastpath
 from shapcam_ext.fastpath import incremental, prove
+from shapcam_ext.fastpath.recompute import RecomputeWalk
 from shapcam_ext.head import split_model
 from shapcam_ext.memory import MemoryPlanner
 from shapcam_ext.players import PlayerGrid
@@ -231,6 +232,18 @@ def test_walks_leave_their_inputs_untouched(strategy):
         walk.values(torch.stack([torch.randperm(4) for _ in range(3)]))
     assert walk.path == WALKS[strategy]
     assert all(torch.equal(a, b) for a, b in zip(before, (players, *held)))
+
+
+def test_a_walk_that_fails_falls_back_to_the_generic_path(monkeypatch):
+    def broken(self, perms):
+        raise RuntimeError("an op that cannot run on boxes")
+
+    monkeypatch.setattr(RecomputeWalk, "values", broken)
+    force(monkeypatch, incremental.RECOMPUTE)
+    model = calibrated("resnet18")
+    with pytest.warns(RuntimeWarning, match="cannot run on boxes"):
+        result = ShapCAM(model, ["layer4.1.conv1"], n_permutations=4).explain(torch.randn(1, 3, 64, 64))[0]
+    assert result.path == "generic"
 
 
 class SqueezeExcite(nn.Module):

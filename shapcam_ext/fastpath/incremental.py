@@ -14,7 +14,7 @@ estimates each in flops per image and takes the cheapest:
 
 Recomputing wins for few permutations, the table for many: on EfficientNet-Lite0 cut after
 ``blocks.5`` (7 x 7, one 3 x 3 depthwise conv, then 1280 channels into 1000 classes) the table's
-512 maps and projection cost about as much as 80 permutations recomputed, after which a step costs
+512 maps and projection cost the flops of about 80 permutations recomputed, after which a step costs
 18 rows of 1000 logits instead of 9 positions of the block and conv_head and a 1280 x 1000 product.
 A table grows as 2^(Py Px): beyond :data:`~.table.MAX_BITS` it is not considered.
 """

@@ -62,18 +62,23 @@ def prepare(pattern: HeadPattern, head: Callable, grid: PlayerGrid, players: tor
     ``permutations``: how many the run walks at most; the incremental paths weigh their costs
     with it. None when the players are not the plain positions of a 4-D map (groups, tokens),
     when a runtime shape does not fit the pattern, when the tables exceed the memory budget, when
-    the generic path is cheaper, or (with a warning) when the walk disagrees with the head on
-    probe coalitions.
+    the generic path is cheaper, or (with a warning) when the walk fails or disagrees with the
+    head on probe coalitions.
     """
     if grid.group_size != 1 or grid.token_index is not None or players.dim() != 4:
         return None
     base_map = baseline.expand_as(players).contiguous()
-    if pattern.local is not None:
-        walk = incremental.prepare(pattern, players, base_map, held, targets, scorer, planner, permutations)
-    else:
-        walk = _pooled_walk(pattern, players, base_map, held, targets, planner, scorer)
-    return walk if walk is not None and _agrees_with_head(walk, head, players, base_map, held, targets, scorer) \
-        else None
+    try:
+        if pattern.local is not None:
+            walk = incremental.prepare(pattern, players, base_map, held, targets, scorer, planner, permutations)
+        else:
+            walk = _pooled_walk(pattern, players, base_map, held, targets, planner, scorer)
+        agrees = walk is not None and _agrees_with_head(walk, head, players, base_map, held, targets, scorer)
+    except Exception as err:  # an op the walk runs on boxes or tables in an unforeseen way: generic must still run
+        warnings.warn(f"shapcam_ext: the fast path failed ({type(err).__name__}: {err}); using the generic path. "
+                      "Please report the model and layer.", RuntimeWarning, stacklevel=3)
+        return None
+    return walk if agrees else None
 
 
 def _pooled_walk(pattern: HeadPattern, players: torch.Tensor, base_map: torch.Tensor, held: tuple,
