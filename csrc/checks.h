@@ -11,16 +11,20 @@
 
 #include <vector>
 
+#include "shapcam_math.h"
+
 namespace shapcam {
 
-constexpr const char* kNotPermutation = "perms: every row must be a permutation of 0..n-1";
+constexpr const char* kNotPermutation = SHAPCAM_NOT_PERMUTATION;
 
 inline bool is_float_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
 }
 
 // Shape and dtype only: whether each row is a permutation is a data-dependent check, made by the
-// device's kernels (check_permutations_cpu, permutation_ranks_cuda).
+// device's kernels: the CPU raises ValueError (check_permutations_cpu); CUDA checks with
+// device-side asserts (permutation_ranks_cuda), since raising would need a host sync. The engine
+// makes its permutations on the host, where they are permutations by construction.
 inline void check_perms(const at::Tensor& perms, int64_t n) {
   TORCH_CHECK(perms.scalar_type() == at::kLong, "perms must be int64, got ", perms.scalar_type(),
               "; convert it with perms.long()");
@@ -119,29 +123,21 @@ inline void check_linear_walk_args(const at::Tensor& start_logits, const at::Ten
   check_accumulators(deltas.sizes().slice(0, 1), n, perms, phi, phi_sq, start_logits.device());
 }
 
-// Data-dependent (one device sync on CUDA); run after the shape checks.
-inline void check_classes_in_range(const at::Tensor& classes, int64_t num_classes) {
-  if (classes.numel() == 0) return;
-  const bool outside = classes.lt(0).logical_or_(classes.ge(num_classes)).any().item<bool>();
-  TORCH_CHECK_VALUE(!outside, "classes must lie in [0, M) = [0, ", num_classes,
-                    "), the columns of start_logits");
-}
-
-// What both devices' masked_prefixes kernels work from once the arguments are checked. Every
-// output row (b, k, t, p) is one run of C values copied from acts[b, p] or base[b, p].
+// What both devices' masked_prefixes kernels work from once the arguments are checked (with
+// check_masked_prefixes_args). Every output row (b, k, t), decoded by decode_prefix_row, holds
+// for each position p one run of C values copied from acts[b, p] or base[b, p].
 struct MaskedPrefixesPlan {
   at::Tensor acts;  // (B, n, C) contiguous: free for channels_last input
   at::Tensor base;  // (B, n, C) contiguous, the baseline broadcast
   at::Tensor out;   // (B*Kc*Tc, C, h, w) channels_last, i.e. (B*Kc*Tc, n, C) in memory
-  int64_t n, perm_start, num_perms, prefix_start, num_prefixes;
+  int64_t n;
+  PrefixGrid<int64_t> grid;
 };
 
 inline MaskedPrefixesPlan plan_masked_prefixes(const at::Tensor& activations,
-                                               const at::Tensor& baseline, const at::Tensor& perms,
-                                               int64_t perm_start, int64_t perm_end,
-                                               int64_t prefix_start, int64_t prefix_end) {
-  check_masked_prefixes_args(activations, baseline, perms, perm_start, perm_end, prefix_start,
-                             prefix_end);
+                                               const at::Tensor& baseline, int64_t perm_start,
+                                               int64_t perm_end, int64_t prefix_start,
+                                               int64_t prefix_end) {
   const at::Tensor acts = activations.dim() == 4 ? activations : activations.unsqueeze(0);
   const int64_t b = acts.size(0), c = acts.size(1), h = acts.size(2), w = acts.size(3);
   const auto channel_runs = [&](const at::Tensor& t) {
@@ -154,10 +150,7 @@ inline MaskedPrefixesPlan plan_masked_prefixes(const at::Tensor& activations,
           .base = channel_runs(baseline),
           .out = out,
           .n = h * w,
-          .perm_start = perm_start,
-          .num_perms = num_perms,
-          .prefix_start = prefix_start,
-          .num_prefixes = num_prefixes};
+          .grid = {perm_start, num_perms, prefix_start, num_prefixes}};
 }
 
 }  // namespace shapcam

@@ -35,6 +35,18 @@ inline void check_permutations_cpu(const at::Tensor& perms) {
   TORCH_CHECK_VALUE(valid, kNotPermutation);
 }
 
+// Raises ValueError unless every class index lies in [0, num_classes).
+inline void check_classes_in_range_cpu(const at::Tensor& classes, int64_t num_classes) {
+  const at::Tensor index = classes.contiguous();
+  const int64_t* c = index.const_data_ptr<int64_t>();
+  // Unsigned: negative values fail the range test too.
+  const bool inside = std::all_of(c, c + index.numel(), [&](int64_t value) {
+    return static_cast<uint64_t>(value) < static_cast<uint64_t>(num_classes);
+  });
+  TORCH_CHECK_VALUE(inside, "classes must lie in [0, M) = [0, ", num_classes,
+                    "), the columns of start_logits");
+}
+
 // ranks[k, p] = the step at which permutation k adds position p; perms must be checked.
 inline at::Tensor permutation_ranks_cpu(const at::Tensor& perms) {
   const int64_t n = perms.size(1);

@@ -51,9 +51,8 @@ void accumulate_marginals_cpu(const at::Tensor& values, const at::Tensor& perms,
                     return;
                   }
                   seen[q] = stamp;
-                  const acc_t after = static_cast<acc_t>(v[(t + 1) * vt]), d = after - before;
-                  s[q] += d;
-                  s2[q] += d * d;
+                  const acc_t after = static_cast<acc_t>(v[(t + 1) * vt]);
+                  add_marginal(before, after, s[q], s2[q]);
                   before = after;
                 }
               }

@@ -24,9 +24,7 @@ __global__ void accumulate_marginals_kernel(const scalar_t* value, int64_t vb, i
     acc_t s = 0, s2 = 0;
     for (int64_t k = lane; k < num_perms; k += kWarp) {
       const scalar_t* v = value + b * vb + k * vk + rank[k * n + p] * vt;
-      const acc_t d = static_cast<acc_t>(v[vt]) - static_cast<acc_t>(v[0]);
-      s += d;
-      s2 += d * d;
+      add_marginal(static_cast<acc_t>(v[0]), static_cast<acc_t>(v[vt]), s, s2);
     }
     s = warp_allreduce(s, add);
     s2 = warp_allreduce(s2, add);
@@ -41,7 +39,7 @@ void scatter_marginals_cuda(const at::Tensor& values, const at::Tensor& perms, a
                             at::Tensor& phi_sq) {
   check_scatter_marginals_args(values, perms, phi, phi_sq);
   const c10::cuda::CUDAGuard guard(values.device());
-  const at::Tensor ranks = permutation_ranks_cuda(perms);
+  const at::Tensor ranks = permutation_ranks_cuda(perms);  // validates perms on the device
   const bool batched = values.dim() == 3;
   at::Tensor sum = batched ? phi : phi.unsqueeze(0),
              sum_sq = batched ? phi_sq : phi_sq.unsqueeze(0);
