@@ -16,6 +16,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import numerics
 from shapcam_ext import ops, reference
 from shapcam_ext._backend import COMPILED
 
@@ -27,14 +28,6 @@ DEVICES = [
 FLOAT_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 ACC_DTYPES = [torch.float32, torch.float64]
 LAYOUTS = ["contiguous", "channels_last", "strided", "transposed"]
-# Differences in summation order only: the kernels sum over permutations sequentially.
-ACC_TOLERANCE = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.float64: dict(rtol=1e-10, atol=1e-10)}
-
-
-def walk_tolerance(dtype, acc):
-    """linear_walk_ walks in the inputs' precision (float for float32/half/bf16 logits) while the
-    reference walks in phi's dtype: float64 stays tight, the rest gets float32's tolerance."""
-    return ACC_TOLERANCE[torch.float64 if dtype == acc == torch.float64 else torch.float32]
 FEW = settings(max_examples=20, deadline=None)
 
 
@@ -143,26 +136,44 @@ def walk_cases(draw) -> WalkCase:
     )
 
 
-def run_scatter(case: WalkCase, dtype, acc, device, op):
+def scatter_inputs(case: WalkCase, dtype, acc, device):
     gen = torch.Generator().manual_seed(case.seed)
     lead = () if case.batch is None else (case.batch,)
     values = arrange(randn(*lead, case.k, case.n + 1, dtype=dtype, gen=gen).to(device), case.layout)
     perms = case.perms(gen).to(device)
-    phi, phi_sq = case.accumulators(lead, acc, gen, device)
-    op(values, perms, phi, phi_sq)
-    return phi, phi_sq
+    return (values, perms, *case.accumulators(lead, acc, gen, device))
 
 
-def run_walk(case: WalkCase, dtype, acc, device, op):
+def walk_inputs(case: WalkCase, dtype, acc, device):
     gen = torch.Generator().manual_seed(case.seed)
     batch = case.batch or 1
     start = randn(batch, case.m, dtype=dtype, gen=gen).to(device)
     deltas = arrange(randn(batch, case.n, case.m, dtype=dtype, gen=gen).to(device), case.layout)
     perms = case.perms(gen).to(device)
     classes = torch.randint(case.m, (batch,), generator=gen).to(device)
-    phi, phi_sq = case.accumulators((batch,), acc, gen, device)
-    op(start, deltas, perms, classes, case.softmax, phi, phi_sq)
-    return phi, phi_sq
+    return (start, deltas, perms, classes, case.softmax, *case.accumulators((batch,), acc, gen, device))
+
+
+def run(inputs, op):
+    """phi and phi_sq after ``op`` on ``inputs`` (their last two)."""
+    op(*inputs)
+    return inputs[-2:]
+
+
+def scatter_bound(case: WalkCase, dtype, acc):
+    """Bounds on phi, phi_sq for one implementation of scatter_marginals_ (numerics.scatter_error)."""
+    return numerics.scatter_error(*scatter_inputs(case, dtype, acc, "cpu"))
+
+
+def walk_bound(case: WalkCase, dtype, acc, walk):
+    """Bounds on phi, phi_sq for one implementation of linear_walk_ that walks in ``walk``."""
+    start, deltas, perms, classes, softmax, phi, phi_sq = walk_inputs(case, dtype, acc, "cpu")
+    return numerics.walk_error(start, deltas, perms, classes, softmax, walk, phi, phi_sq)
+
+
+def assert_accumulators_within(got, expected, bounds, what):
+    for name, g, e, bound in zip(("phi", "phi_sq"), got, expected, bounds):
+        numerics.assert_within(g, e, bound, f"{what}: {name}")
 
 
 def assert_same_maps(out: torch.Tensor, expected: torch.Tensor) -> None:
@@ -211,10 +222,18 @@ def test_masked_prefixes_edges(device, shape, k, perm_range, prefix_range):
 @FEW
 @given(case=walk_cases())
 def test_scatter_marginals_matches_reference(device, dtype, acc, case):
-    got = run_scatter(case, dtype, acc, device, torch.ops.shapcam.scatter_marginals_)
-    expected = run_scatter(case, dtype, acc, "cpu", reference.scatter_marginals_)
-    for g, e in zip(got, expected):
-        torch.testing.assert_close(g.cpu(), e, **ACC_TOLERANCE[acc])
+    got = run(scatter_inputs(case, dtype, acc, device), torch.ops.shapcam.scatter_marginals_)
+    expected = run(scatter_inputs(case, dtype, acc, "cpu"), reference.scatter_marginals_)
+    # The kernel and the reference, each within scatter_error of the exact sums.
+    bounds = [2 * b for b in scatter_bound(case, dtype, acc)]
+    assert_accumulators_within(got, expected, bounds, "scatter_marginals_ against its reference")
+
+
+def walk_against_reference_bounds(case: WalkCase, dtype, acc):
+    """The kernel walks in the inputs' opmath type, the reference in phi's dtype."""
+    kernel = walk_bound(case, dtype, acc, numerics.opmath(dtype))
+    ref = walk_bound(case, dtype, acc, acc)
+    return [a + b for a, b in zip(kernel, ref)]
 
 
 @needs_compiled
@@ -224,10 +243,10 @@ def test_scatter_marginals_matches_reference(device, dtype, acc, case):
 @FEW
 @given(case=walk_cases())
 def test_linear_walk_matches_reference(device, dtype, acc, case):
-    got = run_walk(case, dtype, acc, device, torch.ops.shapcam.linear_walk_)
-    expected = run_walk(case, dtype, acc, "cpu", reference.linear_walk_)
-    for g, e in zip(got, expected):
-        torch.testing.assert_close(g.cpu(), e, **walk_tolerance(dtype, acc))
+    got = run(walk_inputs(case, dtype, acc, device), torch.ops.shapcam.linear_walk_)
+    expected = run(walk_inputs(case, dtype, acc, "cpu"), reference.linear_walk_)
+    bounds = walk_against_reference_bounds(case, dtype, acc)
+    assert_accumulators_within(got, expected, bounds, "linear_walk_ against its reference")
 
 
 @needs_compiled
@@ -235,10 +254,23 @@ def test_linear_walk_matches_reference(device, dtype, acc, case):
 @pytest.mark.parametrize("softmax", [True, False])
 def test_linear_walk_many_classes(device, softmax):
     case = WalkCase(batch=2, k=64, n=49, m=1000, layout="contiguous", softmax=softmax, seed=3)
-    got = run_walk(case, torch.float32, torch.float64, device, torch.ops.shapcam.linear_walk_)
-    expected = run_walk(case, torch.float32, torch.float64, "cpu", reference.linear_walk_)
-    for g, e in zip(got, expected):
-        torch.testing.assert_close(g.cpu(), e, **walk_tolerance(torch.float32, torch.float64))
+    got = run(walk_inputs(case, torch.float32, torch.float64, device), torch.ops.shapcam.linear_walk_)
+    expected = run(walk_inputs(case, torch.float32, torch.float64, "cpu"), reference.linear_walk_)
+    bounds = walk_against_reference_bounds(case, torch.float32, torch.float64)
+    assert_accumulators_within(got, expected, bounds, "linear_walk_ (1000 classes) against its reference")
+
+
+def test_bounds_catch_a_wrong_walk():
+    """The bounds are tight enough to fail: a walk that takes one permutation's first two steps in
+    the wrong order (as an off-by-one in the kernel would) falls outside them."""
+    case = WalkCase(batch=2, k=64, n=49, m=1000, layout="contiguous", softmax=True, seed=3)
+    inputs = walk_inputs(case, torch.float32, torch.float32, "cpu")
+    expected = run(walk_inputs(case, torch.float32, torch.float32, "cpu"), reference.linear_walk_)
+    inputs[2][0, :2] = inputs[2][0, :2].flip(0)
+    wrong = run(inputs, reference.linear_walk_)
+    bounds = walk_against_reference_bounds(case, torch.float32, torch.float32)
+    with pytest.raises(AssertionError, match="exceeds its rounding bound"):
+        assert_accumulators_within(wrong, expected, bounds, "a wrong walk")
 
 
 @needs_compiled
@@ -247,11 +279,12 @@ def test_deterministic(device):
     """Bit-identical on repeated runs and, on the CPU, whatever the thread count."""
     threads = torch.get_num_threads()
     case = WalkCase(batch=2, k=1024, n=196, m=50, layout="contiguous", softmax=True, seed=5)
-    for run, op in [(run_scatter, torch.ops.shapcam.scatter_marginals_), (run_walk, torch.ops.shapcam.linear_walk_)]:
-        results = [run(case, torch.float32, torch.float32, device, op) for _ in range(2)]
+    for inputs, op in [(scatter_inputs, torch.ops.shapcam.scatter_marginals_),
+                       (walk_inputs, torch.ops.shapcam.linear_walk_)]:
+        results = [run(inputs(case, torch.float32, torch.float32, device), op) for _ in range(2)]
         torch.set_num_threads(1)
         try:
-            results.append(run(case, torch.float32, torch.float32, device, op))
+            results.append(run(inputs(case, torch.float32, torch.float32, device), op))
         finally:
             torch.set_num_threads(threads)
         assert all(torch.equal(a, b) for result in results[1:] for a, b in zip(results[0], result))
@@ -294,7 +327,7 @@ def test_opcheck(device):
 def test_masked_prefixes_gradcheck(device, baseline_shape):
     acts, _, perms = sample_args(device, requires_grad=True)
     base = torch.randn(baseline_shape, dtype=torch.float64, device=device, requires_grad=True)
-    fn = lambda a, b: ops.masked_prefixes(a, perms, b, perm_range=(1, 3), prefix_range=(2, 7))  # noqa: E731
+    fn = lambda a, b: ops.masked_prefixes(a, b, perms, perm_range=(1, 3), prefix_range=(2, 7))  # noqa: E731
     assert torch.autograd.gradcheck(fn, (acts, base))
 
 
@@ -307,7 +340,7 @@ def test_torch_compile_fullgraph(device):
     classes = torch.tensor([1, 3], device=device)
 
     def explain(acts, base, values, start, deltas, phi, phi_sq):
-        maps = ops.masked_prefixes(acts, perms, base, perm_range=(0, 2))
+        maps = ops.masked_prefixes(acts, base, perms, perm_range=(0, 2))
         ops.scatter_marginals_(values, perms, phi, phi_sq)
         ops.linear_walk_(start, deltas, perms, classes, phi, phi_sq)
         return maps
