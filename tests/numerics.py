@@ -24,6 +24,7 @@ from typing import Iterable, Union
 import torch
 from torch import nn
 
+from shapcam_ext.head import split_model
 from shapcam_ext.reference import permutation_ranks, walk_values
 
 # exp, as the kernels (Cephes, tests/cpp/test_kernels.cpp checks it) and torch compute it, is
@@ -189,8 +190,10 @@ def walk_error(start: torch.Tensor, deltas: torch.Tensor, perms: torch.Tensor, c
 def head_sums(head: nn.Module, positions: int) -> list[int]:
     """The roundings each layer of a head contributes along its longest path: the pool's sum over
     ``positions`` (0: no pool), a Linear's or a convolution's dot product (fan-in + 1 for the
-    bias), a norm's mean and variance over its channels, and a few (4) for every other leaf
-    module (batch norm, activations)."""
+    bias), a layer norm's mean and variance over its channels, and a few (4) for every other
+    leaf module with arithmetic (batch norm, activations)."""
+    exact = (nn.Dropout, nn.Identity, nn.Flatten, nn.ReLU, nn.MaxPool2d, nn.AdaptiveMaxPool2d)
+    pools = (nn.AvgPool2d, nn.AdaptiveAvgPool2d)  # counted by ``positions``
     sums = [positions] if positions else []
     for module in head.modules():
         if isinstance(module, nn.Linear):
@@ -199,10 +202,16 @@ def head_sums(head: nn.Module, positions: int) -> list[int]:
             sums.append(module.in_channels // module.groups * math.prod(module.kernel_size) + 1)
         elif isinstance(module, nn.LayerNorm):
             sums.append(2 * math.prod(module.normalized_shape) + 4)
-        elif not any(True for _ in module.children()) and not isinstance(
-                module, (nn.Dropout, nn.Identity, nn.Flatten, nn.ReLU, nn.MaxPool2d)):
+        elif not any(True for _ in module.children()) and not isinstance(module, exact + pools):
             sums.append(EXP_ROUNDINGS)
     return sums
+
+
+def model_value_error(scale: "LogitScale", model: nn.Module, layer, positions: int,
+                      target: Union[str, float] = "softmax") -> float:
+    """LogitScale.value_error for the head of ``model`` cut after ``layer``, with ``positions``
+    players: the layers of its fx graph."""
+    return scale.value_error(head_sums(split_model(model, layer).graph_module, positions), target)
 
 
 def final_linear(model: nn.Module) -> nn.Linear:
@@ -236,6 +245,11 @@ class LogitScale:
     def __exit__(self, *exc) -> None:
         self._handle.remove()
 
+    @property
+    def largest_logit(self) -> float:
+        """A bound on every recorded logit's magnitude: the largest S."""
+        return float(torch.cat(self.terms).max())
+
     def value_error(self, sums: Iterable[int], target: Union[str, float] = "softmax") -> float:
         """A bound on how far a float32 evaluation of any recorded row's worth is from exact.
 
@@ -261,26 +275,37 @@ class LogitScale:
         return float(error.max())
 
 
-# ---- post-processing --------------------------------------------------------------------------
+# ---- Shapley properties and post-processing ---------------------------------------------------
 
 
-def scaled_map_error(map_error: float, maps: torch.Tensor) -> float:
-    """A bound on maps after pytorch-grad-cam's post-processing (ReLU, min-max to [0, 1], bilinear
-    resize) when the raw (B, h, w) maps are within map_error of exact, per image.
+def efficiency_gap(value_error: float, k: int, n: int, worth_scale: float = 1.0) -> float:
+    """A bound on |sum_p phi_p - (v(N) - v(empty))| for an estimate from K permutations of n
+    players whose worths are within value_error and at most worth_scale in magnitude.
 
-    ReLU is 1-Lipschitz; (x - min) / (max - min) moves by at most 3 map_error / range to first
-    order (the numerator by 2 map_error, the denominator's relative change times y <= 1); the
-    subtraction, division and the four-weight interpolation add gamma_10 in float32 on values
-    <= 1 (the interpolation is a convex combination: it does not amplify).
+    The marginals telescope to mean_k (v_k(N) - v_k(empty)): two worths within value_error each,
+    and value_full / value_empty are evaluated apart, two more. The float64 accumulators add K
+    marginals per player, then n players: gamma_{K+n} times 2 n worth_scale.
     """
-    cams = maps.double().clamp_min(0).flatten(1)
-    spread = float((cams.amax(1) - cams.amin(1)).min())
-    assert spread > 0, "degenerate test case: a constant map"
-    return 3 * map_error / spread + postprocess_rounding()
+    return 4 * value_error + gamma(k + n, torch.float64) * 2 * n * worth_scale
 
 
 def postprocess_rounding() -> float:
-    """The rounding of one float32 post-processing of a map in [0, 1]: subtraction, division
+    """The rounding of one float32 post-processing of a map into [0, 1]: subtraction, division
     and a bilinear interpolation (4 products, 3 sums, rounded weights): gamma_10."""
     return gamma(10, torch.float32)
 
+
+def rescaled_error(input_error: float, maps: torch.Tensor, implementations: int = 2) -> float:
+    """A bound on the difference of ``implementations`` post-processings (pytorch-grad-cam's: ReLU,
+    per-image min-max to [0, 1], bilinear resize) of (B, h, w) maps within input_error of one
+    another.
+
+    ReLU is 1-Lipschitz; y = (x - min) / (max - min + 1e-7) moves by at most
+    4 input_error / (max - min + 1e-7) to first order (the numerator by 2 input_error, and y <= 1
+    times the denominator's change, 2 input_error, over the denominator); the interpolation is a
+    convex combination, which does not amplify. Each implementation adds its own rounding
+    (postprocess_rounding).
+    """
+    cams = maps.double().clamp_min(0).flatten(1)
+    spread = float((cams.amax(1) - cams.amin(1)).min())
+    return 4 * input_error / (spread + 1e-7) + implementations * postprocess_rounding()
