@@ -6,6 +6,7 @@ large K. CUDA variants run when a GPU is present (select them with ``-k cuda``).
 """
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -21,9 +22,10 @@ from shapcam_ext import ops, reference
 from shapcam_ext._backend import COMPILED
 
 needs_compiled = pytest.mark.skipif(not COMPILED, reason="the compiled library shapcam_ext._C is not built")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 DEVICES = [
     "cpu",
-    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")),
+    pytest.param("cuda", marks=needs_cuda),
 ]
 FLOAT_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 ACC_DTYPES = [torch.float32, torch.float64]
@@ -354,6 +356,89 @@ def test_torch_compile_fullgraph(device):
         torch.testing.assert_close(g, e)
 
 
+# --- CUDA: the same maps as the CPU, no host syncs, CUDA graphs ---------------------------------
+
+
+@needs_compiled
+@needs_cuda
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("acc", ACC_DTYPES)
+@pytest.mark.parametrize("softmax", [True, False])
+def test_cuda_maps_match_cpu(dtype, acc, softmax):
+    """Both devices walk in the inputs' opmath type and accumulate in phi's dtype: each within
+    numerics.walk_error (scatter_error) of exact, whatever their reduction orders."""
+    case = WalkCase(batch=3, k=64, n=49, m=1000, layout="strided", softmax=softmax, seed=7)
+    got = run(walk_inputs(case, dtype, acc, "cuda"), torch.ops.shapcam.linear_walk_)
+    expected = run(walk_inputs(case, dtype, acc, "cpu"), torch.ops.shapcam.linear_walk_)
+    bounds = [2 * b for b in walk_bound(case, dtype, acc, numerics.opmath(dtype))]
+    assert_accumulators_within(got, expected, bounds, "linear_walk_ on CUDA against the CPU")
+    got = run(scatter_inputs(case, dtype, acc, "cuda"), torch.ops.shapcam.scatter_marginals_)
+    expected = run(scatter_inputs(case, dtype, acc, "cpu"), torch.ops.shapcam.scatter_marginals_)
+    bounds = [2 * b for b in scatter_bound(case, dtype, acc)]
+    assert_accumulators_within(got, expected, bounds, "scatter_marginals_ on CUDA against the CPU")
+    args = MaskedCase(3, 64, 7, 7, 8, "channel", "channels_last", (1, 7), (0, 50), seed=7).tensors(dtype, "cpu")
+    on_cuda = [a.cuda() if isinstance(a, torch.Tensor) else a for a in args]
+    assert torch.equal(torch.ops.shapcam.masked_prefixes(*on_cuda).cpu(), torch.ops.shapcam.masked_prefixes(*args))
+
+
+def cuda_graph_inputs():
+    gen = torch.Generator().manual_seed(4)
+    acts, base, perms = sample_args("cuda")
+    values = randn(2, 4, 7, dtype=torch.float64, gen=gen).cuda()
+    start, deltas = randn(2, 5, gen=gen).cuda(), randn(2, 6, 5, gen=gen).cuda()
+    return acts, base, perms, values, start, deltas, torch.tensor([1, 3], device="cuda")
+
+
+def all_ops(acts, base, perms, values, start, deltas, classes):
+    """Every op once; the accumulators are made here, so that no input is mutated."""
+    sums = [values.new_zeros(2, 6) for _ in range(4)]
+    maps = ops.masked_prefixes(acts, base, perms, perm_range=(1, 3))
+    ops.scatter_marginals_(values, perms, sums[0], sums[1])
+    ops.linear_walk_(start, deltas, perms, classes, sums[2], sums[3])
+    return maps, *sums
+
+
+@needs_compiled
+@needs_cuda
+def test_cuda_graph_capture():
+    """torch.compile's reduce-overhead mode records the ops in a CUDA graph and replays it; a
+    host sync inside an op would make the capture fail (or be skipped, which counts here)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(all_ops, mode="reduce-overhead", fullgraph=True)
+    inputs = cuda_graph_inputs()
+    for step in range(4):  # warm-up, recording, then replays on new values
+        inputs = (inputs[0] + step, inputs[1], inputs[2], inputs[3] * (step + 1), inputs[4] - step, *inputs[5:])
+        got = [t.clone() for t in compiled(*inputs)]  # a replay overwrites the graph's outputs
+        expected = all_ops(*inputs)
+        assert all(torch.equal(g, e) for g, e in zip(got, expected)), f"step {step}"
+    assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
+
+
+@needs_compiled
+@needs_cuda
+def test_cuda_ops_do_not_sync_with_the_host():
+    inputs = cuda_graph_inputs()
+    expected = all_ops(*(t.cpu() for t in inputs))
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with pytest.raises(RuntimeError, match="synchronizing"):  # the mode is on: a host read raises
+            torch.zeros((), device="cuda").item()
+        got = all_ops(*inputs)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(got[0].cpu(), expected[0])
+    _, _, perms, values, start, deltas, classes = (t.cpu() for t in inputs)
+    zeros = torch.zeros(2, 6, dtype=torch.float64)
+    bounds = [*numerics.scatter_error(values, perms, zeros, zeros),
+              *numerics.walk_error(start, deltas, perms, classes, True, torch.float32, zeros, zeros)]
+    for name, g, e, bound in zip(("phi", "phi_sq", "walk phi", "walk phi_sq"), got[1:], expected[1:], bounds):
+        numerics.assert_within(g, e, 2 * bound, f"{name} on CUDA against the CPU")
+
+
 # --- argument errors name the argument, on both backends ---------------------------------------
 
 
@@ -367,14 +452,14 @@ def masked_call(**change):
         prefix_range=(0, 5),
     )
     args.update(change)
-    return lambda: ops.masked_prefixes(**args)
+    return functools.partial(ops.masked_prefixes, **args)
 
 
 def scatter_call(**change):
     args = dict(values=torch.randn(2, 3, 5), perms=torch.stack([torch.randperm(4) for _ in range(3)]),
                 phi=torch.zeros(2, 4), phi_sq=torch.zeros(2, 4))
     args.update(change)
-    return lambda: ops.scatter_marginals_(**args)
+    return functools.partial(ops.scatter_marginals_, **args)
 
 
 def walk_call(**change):
@@ -382,7 +467,7 @@ def walk_call(**change):
                 perms=torch.stack([torch.randperm(4) for _ in range(3)]), classes=torch.tensor([0, 4]),
                 phi=torch.zeros(2, 4), phi_sq=torch.zeros(2, 4))
     args.update(change)
-    return lambda: ops.linear_walk_(**args)
+    return functools.partial(ops.linear_walk_, **args)
 
 
 BAD_CALLS = {
@@ -418,6 +503,17 @@ BAD_CALLS = {
     "walk: perms out of range": ("perms", walk_call(perms=torch.tensor([[0, 1, 2, 3]] * 2 + [[0, 1, 2, 7]]))),
     "walk: phi shape": ("phi", walk_call(phi=torch.zeros(2, 5))),
 }
+# Errors that depend on the values, not the shapes: the CUDA kernels check them with device-side
+# asserts (raising would need a host sync).
+DEVICE_CHECKED = {"masked: perms repeats", "masked: perms out of range", "masked: perms negative",
+                  "scatter: perms repeats", "walk: classes out of range", "walk: perms out of range"}
+
+
+def on_device(call: functools.partial, device) -> functools.partial:
+    """The same call with its tensors on ``device``."""
+    moved = {key: value.to(device) if isinstance(value, torch.Tensor) else value
+             for key, value in call.keywords.items()}
+    return functools.partial(call.func, **moved)
 
 
 @pytest.mark.parametrize("backend", [pytest.param("compiled", marks=needs_compiled), "reference"])
@@ -430,7 +526,35 @@ def test_bad_arguments_name_the_argument(backend, case, monkeypatch):
 
 
 @needs_compiled
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@needs_cuda
+@pytest.mark.parametrize("case", [case for case in BAD_CALLS if case not in DEVICE_CHECKED])
+def test_cuda_bad_arguments_name_the_argument(case):
+    name, call = BAD_CALLS[case]
+    with pytest.raises((RuntimeError, ValueError), match=rf"\b{name}\b"):
+        on_device(call, "cuda")()
+
+
+@needs_compiled
+@needs_cuda
+@pytest.mark.parametrize("case", sorted(DEVICE_CHECKED))
+def test_cuda_bad_values_trip_a_device_assert(case):
+    """A device-side assert leaves the CUDA context unusable, so each runs in its own process."""
+    script = (
+        "import sys, torch\n"
+        f"sys.path.insert(0, {os.path.dirname(__file__)!r})\n"
+        "from test_ops import BAD_CALLS, on_device\n"
+        f"on_device(BAD_CALLS[{case!r}][1], 'cuda')()\n"
+        "torch.cuda.synchronize()\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], cwd=os.path.dirname(os.path.dirname(__file__)),
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0 and "device-side assert triggered" in out.stderr, out.stdout + out.stderr
+    message = "classes must lie in" if "classes" in case else "every row must be a permutation"
+    assert message in out.stdout + out.stderr
+
+
+@needs_compiled
+@needs_cuda
 def test_cuda_device_mismatch_names_the_arguments():
     with pytest.raises(RuntimeError, match="one device"):
         masked_call(activations=torch.randn(2, 3, 2, 2, device="cuda"), baseline=torch.zeros((), device="cuda"))()

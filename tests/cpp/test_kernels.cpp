@@ -3,10 +3,16 @@
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
+#include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <functional>
 #include <iostream>
+#include <limits>
 #include <string>
 #include <vector>
+
+#include "../../csrc/shapcam_math.h"
 
 namespace {
 
@@ -144,6 +150,55 @@ void linear_walk_matches_brute_force(const at::TensorOptions& options) {
   }
 }
 
+// The walk's exp, shared by both devices, is within 2 ulp (4u, tests/numerics.py's EXP_ROUNDINGS)
+// of exp on [-87, 0] (every 61st float, both ends, and a sub-ulp neighbourhood of 0); NaN stays
+// NaN and arguments below -87 give exp(-87).
+void exp_nonpositive_within_two_ulp() {
+  const double u = std::ldexp(1.0, -24);
+  double worst = 0;
+  float worst_at = 0;
+  const auto check = [&](float x) {
+    const double exact = std::exp(static_cast<double>(x));
+    const double error = std::abs(shapcam::exp_nonpositive(x) - exact) / exact;
+    if (error > worst) worst = error, worst_at = x;
+  };
+  uint32_t bits_of_bound;
+  const float bound = -87.0f;
+  std::memcpy(&bits_of_bound, &bound, sizeof bound);
+  for (uint32_t bits = 0x80000000u; bits <= bits_of_bound; bits += 61) {
+    float x;
+    std::memcpy(&x, &bits, sizeof x);
+    check(x);
+  }
+  for (const float x : {0.0f, -0.0f, -87.0f, -1e-30f, -std::numeric_limits<float>::denorm_min()}) {
+    check(x);
+  }
+  if (!(worst <= 4 * u)) {
+    std::cerr << "exp_nonpositive: relative error " << worst / u << " u at x = " << worst_at
+              << std::endl;
+  }
+  EXPECT(worst <= 4 * u);
+  EXPECT(std::isnan(shapcam::exp_nonpositive(std::numeric_limits<float>::quiet_NaN())));
+  EXPECT(shapcam::exp_nonpositive(-1000.0f) == shapcam::exp_nonpositive(-87.0f));
+}
+
+// Prefix rows decode image-major, then permutation, then prefix length, and a position is kept
+// when its rank is below the prefix length: the arithmetic both devices' masked_prefixes run.
+void prefix_rows_decode() {
+  const shapcam::PrefixGrid<int64_t> grid{.perm_start = 2, .num_perms = 3, .prefix_start = 1,
+                                          .num_prefixes = 4};
+  int64_t r = 0;
+  for (int64_t b = 0; b < 2; ++b) {
+    for (int64_t k = 2; k < 5; ++k) {
+      for (int64_t t = 1; t < 5; ++t, ++r) {
+        const auto row = shapcam::decode_prefix_row(r, grid);
+        EXPECT(row.b == b && row.k == k && row.t == t);
+      }
+    }
+  }
+  EXPECT(shapcam::kept<int64_t>(0, 1) && !shapcam::kept<int64_t>(1, 1));
+}
+
 void bad_arguments_raise(const at::TensorOptions& options) {
   const at::Tensor acts = at::randn({3, 2, 2}, options), base = at::zeros({}, options);
   const auto raises = [](const std::function<void()>& call, const std::string& name) {
@@ -154,9 +209,18 @@ void bad_arguments_raise(const at::TensorOptions& options) {
     }
     return false;
   };
-  const at::Tensor repeated = at::tensor({0, 1, 1, 3}, at::kLong).view({1, 4}).to(options.device());
-  EXPECT(raises([&] { masked_prefixes(acts, base, repeated, 0, 1, 0, 5); }, "perms"));
   const at::Tensor perms = random_perms(2, 4, options);
+  // Bad values, rather than shapes: the CPU raises; CUDA asserts on the device, which would end
+  // this process (tests/test_ops.py checks those asserts in subprocesses).
+  if (options.device().is_cpu()) {
+    const at::Tensor repeated = at::tensor({0, 1, 1, 3}, at::kLong).view({1, 4});
+    EXPECT(raises([&] { masked_prefixes(acts, base, repeated, 0, 1, 0, 5); }, "perms"));
+    at::Tensor sum = at::zeros({1, 4}, options), sum_sq = at::zeros({1, 4}, options);
+    EXPECT(raises([&] {
+      linear_walk_(at::randn({1, 3}, options), at::randn({1, 4, 3}, options), perms,
+                   at::tensor({3}, at::kLong), true, sum, sum_sq);
+    }, "classes"));
+  }
   EXPECT(raises([&] { masked_prefixes(acts, base, perms.to(at::kInt), 0, 1, 0, 5); }, "perms"));
   EXPECT(raises([&] { masked_prefixes(acts, base, perms, 0, 3, 0, 5); }, "perm_range"));
   EXPECT(raises([&] { masked_prefixes(acts, base, perms, 0, 2, 0, 6); }, "prefix_range"));
@@ -182,6 +246,8 @@ void deterministic(const at::TensorOptions& options) {
 
 int main() {
   at::manual_seed(0);
+  exp_nonpositive_within_two_ulp();
+  prefix_rows_decode();
   std::vector<at::Device> devices{at::kCPU};
   if (at::hasCUDA() && c10::Dispatcher::singleton()
                            .findSchemaOrThrow("shapcam::masked_prefixes", "")
