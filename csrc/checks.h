@@ -64,10 +64,12 @@ inline void check_masked_prefixes_args(const at::Tensor& activations, const at::
 }
 
 // phi and phi_sq accumulate per-position sums of marginals taken from `values`, which has
-// batch dimensions `batch` (empty or {B}), then (K, n+1).
+// batch dimensions `batch` (empty or {B}), then (K, n+1), over units of unit_size permutations.
 inline void check_accumulators(at::IntArrayRef batch, int64_t n, const at::Tensor& perms,
                                const at::Tensor& phi, const at::Tensor& phi_sq,
-                               const at::Device& device) {
+                               const at::Device& device, int64_t unit_size) {
+  TORCH_CHECK(unit_size >= 1 && perms.size(0) % unit_size == 0,
+              "unit_size must be a positive divisor of K = ", perms.size(0), ", got ", unit_size);
   std::vector<int64_t> expected(batch.begin(), batch.end());
   expected.push_back(n);
   const auto check_one = [&](const char* name, const at::Tensor& acc) {
@@ -87,7 +89,8 @@ inline void check_accumulators(at::IntArrayRef batch, int64_t n, const at::Tenso
 }
 
 inline void check_scatter_marginals_args(const at::Tensor& values, const at::Tensor& perms,
-                                         const at::Tensor& phi, const at::Tensor& phi_sq) {
+                                         const at::Tensor& phi, const at::Tensor& phi_sq,
+                                         int64_t unit_size) {
   TORCH_CHECK(values.dim() == 2 || values.dim() == 3,
               "values must be (K, n+1) or (B, K, n+1), got ", values.sizes());
   TORCH_CHECK(is_float_dtype(values.scalar_type()), "values must be floating, got ",
@@ -97,12 +100,13 @@ inline void check_scatter_marginals_args(const at::Tensor& values, const at::Ten
   TORCH_CHECK(values.size(-2) == perms.size(0), "values has ", values.size(-2),
               " permutations but perms has ", perms.size(0));
   check_accumulators(values.sizes().slice(0, values.dim() - 2), n, perms, phi, phi_sq,
-                     values.device());
+                     values.device(), unit_size);
 }
 
 inline void check_linear_walk_args(const at::Tensor& start_logits, const at::Tensor& deltas,
                                    const at::Tensor& perms, const at::Tensor& classes,
-                                   const at::Tensor& phi, const at::Tensor& phi_sq) {
+                                   const at::Tensor& phi, const at::Tensor& phi_sq,
+                                   int64_t unit_size) {
   TORCH_CHECK(start_logits.dim() == 2 && deltas.dim() == 3 &&
                   deltas.size(0) == start_logits.size(0) && deltas.size(2) == start_logits.size(1),
               "start_logits must be (B, M) and deltas (B, n, M), got ", start_logits.sizes(),
@@ -120,7 +124,8 @@ inline void check_linear_walk_args(const at::Tensor& start_logits, const at::Ten
               ", ", deltas.device(), ", ", classes.device());
   const int64_t n = deltas.size(1);
   check_perms(perms, n);
-  check_accumulators(deltas.sizes().slice(0, 1), n, perms, phi, phi_sq, start_logits.device());
+  check_accumulators(deltas.sizes().slice(0, 1), n, perms, phi, phi_sq, start_logits.device(),
+                     unit_size);
 }
 
 // What both devices' masked_prefixes kernels work from once the arguments are checked (with

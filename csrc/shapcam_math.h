@@ -77,13 +77,22 @@ C10_HOST_DEVICE inline bool kept(index_t rank, index_t t) {
   return rank < t;
 }
 
-// ---- scatter_marginals_: the marginal of one step and its running sums ---------------------
+// ---- scatter_marginals_: the marginal of one step, summed per unit -------------------------
 
+// A unit is unit_size consecutive permutations (an antithetic pair is one unit of 2): phi gets
+// every marginal, phi_sq the square of each unit's sum of them, so that standard errors can be
+// computed over independent units. The marginal d = after - before joins its unit's sum...
 template <typename acc_t>
-C10_HOST_DEVICE inline void add_marginal(acc_t before, acc_t after, acc_t& sum, acc_t& sum_sq) {
-  const acc_t d = after - before;
-  sum += d;
-  sum_sq += d * d;
+C10_HOST_DEVICE inline void add_marginal(acc_t before, acc_t after, acc_t& unit_sum) {
+  unit_sum += after - before;
+}
+
+// ...and a finished unit's sum joins phi and its square phi_sq.
+template <typename acc_t>
+C10_HOST_DEVICE inline void close_unit(acc_t& unit_sum, acc_t& sum, acc_t& sum_sq) {
+  sum += unit_sum;
+  sum_sq += unit_sum * unit_sum;
+  unit_sum = 0;
 }
 
 // ---- linear_walk_: the worth of running logits --------------------------------------------

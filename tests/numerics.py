@@ -120,15 +120,17 @@ def assert_within(got: torch.Tensor, expected: torch.Tensor, bound, what: str) -
 
 
 def accumulated_error(values: torch.Tensor, value_error, perms: torch.Tensor, phi0: torch.Tensor,
-                      phi_sq0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                      phi_sq0: torch.Tensor, unit_size: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Bounds on phi and phi_sq after one scatter_marginals_ of ``values`` onto phi0, phi_sq0, in
     their dtype, when each worth is within ``value_error`` (a number, or one per worth) of the
     exact ``values`` (..., K, n+1).
 
-    A marginal d = v[t+1] - v[t] is computed within e_d = e[t+1] + e[t] + u (|d| + e_d'), the
-    last term its own rounding. phi adds K marginals to phi0, K roundings in any order:
-    sum_k e_d + gamma_K (|phi0| + sum_k |d^|), |d^| <= |d| + e_d. phi_sq adds K squares, each
-    within e_d (2|d| + e_d) + u |d^|^2, and K roundings: gamma_K (|phi_sq0| + sum_k |d^|^2).
+    A marginal d = v[t+1] - v[t] is computed within e_d = (e[t+1] + e[t])(1 + u) + u |d|, the
+    last terms its own rounding. phi adds K marginals to phi0, K roundings in any order (units
+    first or not): sum_k e_d + gamma_K (|phi0| + sum_k |d^|), |d^| <= |d| + e_d. A unit's sum S of
+    U marginals is within e_S = sum e_d + gamma_{U-1} sum |d^|; its square within
+    e_S (2|S| + e_S) + u |S^|^2; phi_sq adds K/U of them to phi_sq0: gamma_{K/U} (|phi_sq0| +
+    sum |S^|^2) more.
     """
     acc = phi0.dtype
     u = unit_roundoff(acc)
@@ -137,27 +139,36 @@ def accumulated_error(values: torch.Tensor, value_error, perms: torch.Tensor, ph
     d = (values[..., 1:] - values[..., :-1]).abs()
     e_d = (error[..., 1:] + error[..., :-1]) * (1 + u) + u * d
     # Each position's marginal from each permutation, like the reference gathers them.
+    signed = values[..., 1:] - values[..., :-1]
     ranks = permutation_ranks(perms.cpu()).expand_as(d)
-    d, e_d = d.gather(-1, ranks), e_d.gather(-1, ranks)
+    signed, d, e_d = signed.gather(-1, ranks), d.gather(-1, ranks), e_d.gather(-1, ranks)
     rounded = d + e_d
-    g = gamma(values.shape[-2], acc)
-    phi = e_d.sum(-2) + g * (phi0.double().cpu().abs() + rounded.sum(-2))
-    phi_sq = (e_d * (2 * d + e_d) + u * rounded**2).sum(-2) + g * (
-        phi_sq0.double().cpu().abs() + (rounded**2).sum(-2))
+    k = values.shape[-2]
+    phi = e_d.sum(-2) + gamma(k, acc) * (phi0.double().cpu().abs() + rounded.sum(-2))
+
+    def by_unit(x):
+        return x.unflatten(-2, (k // unit_size, unit_size)).sum(-2)
+
+    unit_sum = by_unit(signed).abs()
+    e_s = by_unit(e_d) + gamma(unit_size - 1, acc) * by_unit(rounded)
+    squares = (unit_sum + e_s) ** 2
+    phi_sq = (e_s * (2 * unit_sum + e_s) + u * squares).sum(-2) + gamma(k // unit_size, acc) * (
+        phi_sq0.double().cpu().abs() + squares.sum(-2))
     return phi, phi_sq
 
 
-def scatter_error(values: torch.Tensor, perms: torch.Tensor, phi0: torch.Tensor,
-                  phi_sq0: torch.Tensor) -> tuple:
+def scatter_error(values: torch.Tensor, perms: torch.Tensor, phi0: torch.Tensor, phi_sq0: torch.Tensor,
+                  unit_size: int = 1) -> tuple:
     """Bounds on one implementation of scatter_marginals_: the worths are given exactly, except
     that float64 worths round once to float32 accumulators."""
     wider = torch.finfo(values.dtype).eps < torch.finfo(phi0.dtype).eps
     value_error = unit_roundoff(phi0.dtype) * values.double().abs() if wider else 0.0
-    return accumulated_error(values, value_error, perms, phi0, phi_sq0)
+    return accumulated_error(values, value_error, perms, phi0, phi_sq0, unit_size)
 
 
 def walk_error(start: torch.Tensor, deltas: torch.Tensor, perms: torch.Tensor, classes: torch.Tensor,
-               softmax: bool, walk: torch.dtype, phi0: torch.Tensor, phi_sq0: torch.Tensor) -> tuple:
+               softmax: bool, walk: torch.dtype, phi0: torch.Tensor, phi_sq0: torch.Tensor,
+               unit_size: int = 1) -> tuple:
     """Bounds on one implementation of linear_walk_ that walks the logits in ``walk`` (the
     compiled kernels: opmath of the inputs; the reference: phi's dtype) and stores each worth in
     phi's dtype.
@@ -181,7 +192,7 @@ def walk_error(start: torch.Tensor, deltas: torch.Tensor, perms: torch.Tensor, c
     else:
         error = logit_error.expand_as(exact)
     error = error + unit_roundoff(phi0.dtype) * (exact.abs() + error)
-    return accumulated_error(exact, error, perms, phi0, phi_sq0)
+    return accumulated_error(exact, error, perms, phi0, phi_sq0, unit_size)
 
 
 # ---- heads of real models ---------------------------------------------------------------------

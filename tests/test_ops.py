@@ -116,6 +116,7 @@ class WalkCase:
     layout: str
     softmax: bool
     seed: int
+    unit_size: int = 1  # permutations per unit of phi_sq; divides k
 
     def perms(self, gen):
         return random_perms(self.k, self.n, gen)
@@ -127,14 +128,16 @@ class WalkCase:
 
 @st.composite
 def walk_cases(draw) -> WalkCase:
+    k = draw(st.integers(1, 5) | st.just(300))
     return WalkCase(
         batch=draw(st.sampled_from([None, 1, 3])),
-        k=draw(st.integers(1, 5) | st.just(300)),
+        k=k,
         n=draw(st.integers(1, 9)),
         m=draw(st.integers(1, 12)),
         layout=draw(st.sampled_from(["contiguous", "strided", "transposed"])),
         softmax=draw(st.booleans()),
         seed=draw(st.integers(0, 2**31)),
+        unit_size=draw(st.sampled_from([u for u in (1, 2, 3) if k % u == 0])),
     )
 
 
@@ -143,7 +146,7 @@ def scatter_inputs(case: WalkCase, dtype, acc, device):
     lead = () if case.batch is None else (case.batch,)
     values = arrange(randn(*lead, case.k, case.n + 1, dtype=dtype, gen=gen).to(device), case.layout)
     perms = case.perms(gen).to(device)
-    return (values, perms, *case.accumulators(lead, acc, gen, device))
+    return (values, perms, *case.accumulators(lead, acc, gen, device), case.unit_size)
 
 
 def walk_inputs(case: WalkCase, dtype, acc, device):
@@ -153,13 +156,14 @@ def walk_inputs(case: WalkCase, dtype, acc, device):
     deltas = arrange(randn(batch, case.n, case.m, dtype=dtype, gen=gen).to(device), case.layout)
     perms = case.perms(gen).to(device)
     classes = torch.randint(case.m, (batch,), generator=gen).to(device)
-    return (start, deltas, perms, classes, case.softmax, *case.accumulators((batch,), acc, gen, device))
+    return (start, deltas, perms, classes, case.softmax, *case.accumulators((batch,), acc, gen, device),
+            case.unit_size)
 
 
 def run(inputs, op):
-    """phi and phi_sq after ``op`` on ``inputs`` (their last two)."""
+    """phi and phi_sq after ``op`` on ``inputs`` (which end with phi, phi_sq, unit_size)."""
     op(*inputs)
-    return inputs[-2:]
+    return inputs[-3:-1]
 
 
 def scatter_bound(case: WalkCase, dtype, acc):
@@ -169,8 +173,8 @@ def scatter_bound(case: WalkCase, dtype, acc):
 
 def walk_bound(case: WalkCase, dtype, acc, walk):
     """Bounds on phi, phi_sq for one implementation of linear_walk_ that walks in ``walk``."""
-    start, deltas, perms, classes, softmax, phi, phi_sq = walk_inputs(case, dtype, acc, "cpu")
-    return numerics.walk_error(start, deltas, perms, classes, softmax, walk, phi, phi_sq)
+    start, deltas, perms, classes, softmax, phi, phi_sq, unit_size = walk_inputs(case, dtype, acc, "cpu")
+    return numerics.walk_error(start, deltas, perms, classes, softmax, walk, phi, phi_sq, unit_size)
 
 
 def assert_accumulators_within(got, expected, bounds, what):
@@ -314,12 +318,13 @@ def test_opcheck(device):
         torch.library.opcheck(torch.ops.shapcam.masked_prefixes.default, (acts, base, perms, 1, 3, 2, 7))
     values = randn(2, 4, 7, gen=torch.Generator().manual_seed(2)).to(device)
     phi, phi_sq = torch.zeros(2, 6, device=device), torch.zeros(2, 6, device=device)
-    torch.library.opcheck(torch.ops.shapcam.scatter_marginals_.default, (values, perms, phi, phi_sq))
+    for unit_size in (1, 2):
+        torch.library.opcheck(torch.ops.shapcam.scatter_marginals_.default, (values, perms, phi, phi_sq, unit_size))
     start, deltas = torch.randn(2, 5, device=device), torch.randn(2, 6, 5, device=device)
     classes = torch.tensor([0, 4], device=device)
     for softmax in (True, False):
         torch.library.opcheck(
-            torch.ops.shapcam.linear_walk_.default, (start, deltas, perms, classes, softmax, phi, phi_sq)
+            torch.ops.shapcam.linear_walk_.default, (start, deltas, perms, classes, softmax, phi, phi_sq, 2)
         )
 
 
@@ -344,7 +349,7 @@ def test_torch_compile_fullgraph(device):
     def explain(acts, base, values, start, deltas, phi, phi_sq):
         maps = ops.masked_prefixes(acts, base, perms, perm_range=(0, 2))
         ops.scatter_marginals_(values, perms, phi, phi_sq)
-        ops.linear_walk_(start, deltas, perms, classes, phi, phi_sq)
+        ops.linear_walk_(start, deltas, perms, classes, True, phi, phi_sq)
         return maps
 
     eager = [torch.zeros(2, 6, device=device) for _ in range(2)]
@@ -367,7 +372,7 @@ def test_torch_compile_fullgraph(device):
 def test_cuda_maps_match_cpu(dtype, acc, softmax):
     """Both devices walk in the inputs' opmath type and accumulate in phi's dtype: each within
     numerics.walk_error (scatter_error) of exact, whatever their reduction orders."""
-    case = WalkCase(batch=3, k=64, n=49, m=1000, layout="strided", softmax=softmax, seed=7)
+    case = WalkCase(batch=3, k=64, n=49, m=1000, layout="strided", softmax=softmax, seed=7, unit_size=2)
     got = run(walk_inputs(case, dtype, acc, "cuda"), torch.ops.shapcam.linear_walk_)
     expected = run(walk_inputs(case, dtype, acc, "cpu"), torch.ops.shapcam.linear_walk_)
     bounds = [2 * b for b in walk_bound(case, dtype, acc, numerics.opmath(dtype))]
@@ -393,8 +398,8 @@ def all_ops(acts, base, perms, values, start, deltas, classes):
     """Every op once; the accumulators are made here, so that no input is mutated."""
     sums = [values.new_zeros(2, 6) for _ in range(4)]
     maps = ops.masked_prefixes(acts, base, perms, perm_range=(1, 3))
-    ops.scatter_marginals_(values, perms, sums[0], sums[1])
-    ops.linear_walk_(start, deltas, perms, classes, sums[2], sums[3])
+    ops.scatter_marginals_(values, perms, sums[0], sums[1], 2)
+    ops.linear_walk_(start, deltas, perms, classes, True, sums[2], sums[3], 2)
     return maps, *sums
 
 
@@ -433,8 +438,8 @@ def test_cuda_ops_do_not_sync_with_the_host():
     assert torch.equal(got[0].cpu(), expected[0])
     _, _, perms, values, start, deltas, classes = (t.cpu() for t in inputs)
     zeros = torch.zeros(2, 6, dtype=torch.float64)
-    bounds = [*numerics.scatter_error(values, perms, zeros, zeros),
-              *numerics.walk_error(start, deltas, perms, classes, True, torch.float32, zeros, zeros)]
+    bounds = [*numerics.scatter_error(values, perms, zeros, zeros, 2),
+              *numerics.walk_error(start, deltas, perms, classes, True, torch.float32, zeros, zeros, 2)]
     for name, g, e, bound in zip(("phi", "phi_sq", "walk phi", "walk phi_sq"), got[1:], expected[1:], bounds):
         numerics.assert_within(g, e, 2 * bound, f"{name} on CUDA against the CPU")
 
@@ -465,7 +470,7 @@ def scatter_call(**change):
 def walk_call(**change):
     args = dict(start_logits=torch.randn(2, 5), deltas=torch.randn(2, 4, 5),
                 perms=torch.stack([torch.randperm(4) for _ in range(3)]), classes=torch.tensor([0, 4]),
-                phi=torch.zeros(2, 4), phi_sq=torch.zeros(2, 4))
+                softmax=True, phi=torch.zeros(2, 4), phi_sq=torch.zeros(2, 4))
     args.update(change)
     return functools.partial(ops.linear_walk_, **args)
 
@@ -495,6 +500,7 @@ BAD_CALLS = {
     "scatter: phi shape": ("phi", scatter_call(phi=torch.zeros(4))),
     "scatter: phi dtype": ("phi", scatter_call(phi=torch.zeros(2, 4, dtype=torch.float16))),
     "scatter: phi_sq dtype": ("phi_sq", scatter_call(phi_sq=torch.zeros(2, 4, dtype=torch.float64))),
+    "scatter: unit_size": ("unit_size", scatter_call(unit_size=2)),
     "walk: start_logits rank": ("start_logits", walk_call(start_logits=torch.randn(5))),
     "walk: deltas shape": ("deltas", walk_call(deltas=torch.randn(2, 4, 6))),
     "walk: deltas dtype": ("deltas", walk_call(deltas=torch.randn(2, 4, 5, dtype=torch.float64))),
@@ -502,6 +508,7 @@ BAD_CALLS = {
     "walk: classes out of range": ("classes", walk_call(classes=torch.tensor([0, 5]))),
     "walk: perms out of range": ("perms", walk_call(perms=torch.tensor([[0, 1, 2, 3]] * 2 + [[0, 1, 2, 7]]))),
     "walk: phi shape": ("phi", walk_call(phi=torch.zeros(2, 5))),
+    "walk: unit_size": ("unit_size", walk_call(unit_size=0)),
 }
 # Errors that depend on the values, not the shapes: the CUDA kernels check them with device-side
 # asserts (raising would need a host sync).

@@ -103,8 +103,8 @@ void walk_permutation(op_t* z, const op_t* step, const int64_t* order, int64_t n
 // phi / phi_sq in their own dtype, deterministically.
 void linear_walk_cpu(const at::Tensor& start_logits, const at::Tensor& deltas,
                      const at::Tensor& perms, const at::Tensor& classes, bool softmax,
-                     at::Tensor& phi, at::Tensor& phi_sq) {
-  check_linear_walk_args(start_logits, deltas, perms, classes, phi, phi_sq);
+                     at::Tensor& phi, at::Tensor& phi_sq, int64_t unit_size) {
+  check_linear_walk_args(start_logits, deltas, perms, classes, phi, phi_sq, unit_size);
   check_permutations_cpu(perms);
   const int64_t batch = deltas.size(0), n = deltas.size(1), num_classes = deltas.size(2);
   const int64_t num_perms = perms.size(0);
@@ -141,7 +141,7 @@ void linear_walk_cpu(const at::Tensor& start_logits, const at::Tensor& deltas,
       });
     });
   });
-  accumulate_marginals_cpu(values, perms, phi, phi_sq);
+  accumulate_marginals_cpu(values, perms, phi, phi_sq, unit_size);
 }
 
 }  // namespace

@@ -86,10 +86,11 @@ inline at::Tensor permutation_ranks_cuda(const at::Tensor& perms) {
   return ranks;
 }
 
-// Adds sum_k d and sum_k d^2 to phi[b, p] and phi_sq[b, p], where d is the marginal of position p
-// along permutation k: values[b, k, rank + 1] - values[b, k, rank]. values is (B, K, n+1) and
-// phi, phi_sq are (B, n) with any strides. The sum over k has a fixed order: deterministic.
+// Adds sum_k d to phi[b, p] and the square of each unit's sum of d to phi_sq[b, p], where d is
+// the marginal of position p along permutation k: values[b, k, rank + 1] - values[b, k, rank],
+// and a unit is unit_size consecutive permutations. values is (B, K, n+1) and phi, phi_sq are
+// (B, n) with any strides. The sums over k have a fixed order: deterministic.
 void accumulate_marginals_cuda(const at::Tensor& values, const at::Tensor& ranks, at::Tensor& phi,
-                               at::Tensor& phi_sq);
+                               at::Tensor& phi_sq, int64_t unit_size);
 
 }  // namespace shapcam

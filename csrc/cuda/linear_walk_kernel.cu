@@ -63,8 +63,8 @@ __global__ void linear_walk_kernel(const scalar_t* start, const scalar_t* deltas
 
 void linear_walk_cuda(const at::Tensor& start_logits, const at::Tensor& deltas,
                       const at::Tensor& perms, const at::Tensor& classes, bool softmax,
-                      at::Tensor& phi, at::Tensor& phi_sq) {
-  check_linear_walk_args(start_logits, deltas, perms, classes, phi, phi_sq);
+                      at::Tensor& phi, at::Tensor& phi_sq, int64_t unit_size) {
+  check_linear_walk_args(start_logits, deltas, perms, classes, phi, phi_sq, unit_size);
   const c10::cuda::CUDAGuard guard(start_logits.device());
   // Validates perms on the device; classes are checked by the walk kernel.
   const at::Tensor ranks = permutation_ranks_cuda(perms);
@@ -92,7 +92,7 @@ void linear_walk_cuda(const at::Tensor& start_logits, const at::Tensor& deltas,
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         });
   });
-  accumulate_marginals_cuda(values, ranks, phi, phi_sq);
+  accumulate_marginals_cuda(values, ranks, phi, phi_sq, unit_size);
 }
 
 }  // namespace

@@ -41,19 +41,20 @@ at::Tensor masked_prefixes(const at::Tensor& activations, const at::Tensor& base
 }
 
 void scatter_marginals_(const at::Tensor& values, const at::Tensor& perms, at::Tensor& phi,
-                        at::Tensor& phi_sq) {
+                        at::Tensor& phi_sq, int64_t unit_size = 1) {
   static const auto handle =
-      op<void(const at::Tensor&, const at::Tensor&, at::Tensor&, at::Tensor&)>(
+      op<void(const at::Tensor&, const at::Tensor&, at::Tensor&, at::Tensor&, int64_t)>(
           "shapcam::scatter_marginals_");
-  handle.call(values, perms, phi, phi_sq);
+  handle.call(values, perms, phi, phi_sq, unit_size);
 }
 
 void linear_walk_(const at::Tensor& start_logits, const at::Tensor& deltas, const at::Tensor& perms,
-                  const at::Tensor& classes, bool softmax, at::Tensor& phi, at::Tensor& phi_sq) {
+                  const at::Tensor& classes, bool softmax, at::Tensor& phi, at::Tensor& phi_sq,
+                  int64_t unit_size = 1) {
   static const auto handle =
       op<void(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, bool,
-              at::Tensor&, at::Tensor&)>("shapcam::linear_walk_");
-  handle.call(start_logits, deltas, perms, classes, softmax, phi, phi_sq);
+              at::Tensor&, at::Tensor&, int64_t)>("shapcam::linear_walk_");
+  handle.call(start_logits, deltas, perms, classes, softmax, phi, phi_sq, unit_size);
 }
 
 at::Tensor random_perms(int64_t k, int64_t n, const at::TensorOptions& options) {
@@ -91,27 +92,32 @@ void masked_rows_follow_ranks(const at::TensorOptions& options) {
 }
 
 // Efficiency: the marginals along a permutation telescope, so sum_p phi[p] is
-// sum_k values[k, n] - values[k, 0]; each phi[p] matches a brute-force loop.
-void scatter_is_efficient_and_exact(const at::TensorOptions& options) {
+// sum_k values[k, n] - values[k, 0]; each phi[p] and each unit's squared sum in phi_sq[p]
+// matches a brute-force loop.
+void scatter_is_efficient_and_exact(const at::TensorOptions& options, int64_t unit_size) {
   const int64_t b = 3, k = 40, n = 7;
   const auto f64 = options.dtype(at::kDouble);
   const at::Tensor values = at::randn({b, k, n + 1}, options);
   const at::Tensor perms = random_perms(k, n, options);
   at::Tensor phi = at::zeros({b, n}, f64), phi_sq = at::zeros({b, n}, f64);
-  scatter_marginals_(values, perms, phi, phi_sq);
+  scatter_marginals_(values, perms, phi, phi_sq, unit_size);
   const at::Tensor v = values.cpu().to(at::kDouble), order = perms.cpu();
   const at::Tensor telescoped = (v.select(2, n) - v.select(2, 0)).sum(1);
   EXPECT(at::allclose(phi.cpu().sum(1), telescoped, 1e-12, 1e-12));
   at::Tensor expected = at::zeros({b, n}, at::kDouble),
              expected_sq = at::zeros({b, n}, at::kDouble);
   for (int64_t i = 0; i < b; ++i) {
-    for (int64_t j = 0; j < k; ++j) {
-      for (int64_t t = 0; t < n; ++t) {
-        const double d = (v[i][j][t + 1] - v[i][j][t]).item<double>();
-        const int64_t p = order[j][t].item<int64_t>();
-        expected[i][p] += d;
-        expected_sq[i][p] += d * d;
+    for (int64_t unit = 0; unit < k / unit_size; ++unit) {
+      std::vector<double> unit_sum(n, 0.0);
+      for (int64_t j = unit * unit_size; j < (unit + 1) * unit_size; ++j) {
+        for (int64_t t = 0; t < n; ++t) {
+          const double d = (v[i][j][t + 1] - v[i][j][t]).item<double>();
+          const int64_t p = order[j][t].item<int64_t>();
+          expected[i][p] += d;
+          unit_sum[p] += d;
+        }
       }
+      for (int64_t p = 0; p < n; ++p) expected_sq[i][p] += unit_sum[p] * unit_sum[p];
     }
   }
   EXPECT(at::allclose(phi.cpu(), expected, 1e-12, 1e-12));
@@ -228,6 +234,9 @@ void bad_arguments_raise(const at::TensorOptions& options) {
   at::Tensor phi = at::zeros({4}, options), phi_sq = at::zeros({4}, options.dtype(at::kDouble));
   EXPECT(raises([&] { scatter_marginals_(at::randn({2, 5}, options), perms, phi, phi_sq); },
                 "phi_sq"));
+  at::Tensor sum = at::zeros({4}, options), sum_sq = at::zeros({4}, options);
+  EXPECT(raises([&] { scatter_marginals_(at::randn({2, 5}, options), perms, sum, sum_sq, 3); },
+                "unit_size"));
 }
 
 void deterministic(const at::TensorOptions& options) {
@@ -258,7 +267,7 @@ int main() {
     const auto options = at::TensorOptions().device(device).dtype(at::kFloat);
     std::cout << "device " << device << std::endl;
     masked_rows_follow_ranks(options);
-    scatter_is_efficient_and_exact(options);
+    for (const int64_t unit_size : {1, 2, 5}) scatter_is_efficient_and_exact(options, unit_size);
     linear_walk_matches_brute_force(options);
     bad_arguments_raise(options);
     deterministic(options);
