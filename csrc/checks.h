@@ -23,8 +23,8 @@ inline bool is_float_dtype(at::ScalarType t) {
 
 // Shape and dtype only: whether each row is a permutation is a data-dependent check, made by the
 // device's kernels: the CPU raises ValueError (check_permutations_cpu); CUDA checks with
-// device-side asserts (permutation_ranks_cuda), since raising would need a host sync. The engine
-// makes its permutations on the host, where they are permutations by construction.
+// device-side asserts (permutation_ranks_cuda), since raising would need a host sync. The engine's
+// permutations are argsorts of random numbers (shapcam_ext/sampling.py): valid by construction.
 inline void check_perms(const at::Tensor& perms, int64_t n) {
   TORCH_CHECK(perms.scalar_type() == at::kLong, "perms must be int64, got ", perms.scalar_type(),
               "; convert it with perms.long()");

@@ -6,8 +6,8 @@ pure-PyTorch references.
 
 Bad permutations and class indices raise ValueError on the CPU and with the reference. The
 CUDA kernels never read device data back to the host (so they can run inside CUDA graphs):
-they check those values with device-side asserts, which end the CUDA context. The engine makes
-its permutations on the host, where they are permutations by construction.
+they check those values with device-side asserts, which end the CUDA context. The engine's
+permutations are argsorts of random numbers (shapcam_ext.sampling), permutations by construction.
 """
 from __future__ import annotations
 
