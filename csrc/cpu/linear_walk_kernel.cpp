@@ -13,10 +13,12 @@ namespace shapcam {
 namespace {
 
 // The lane loops below are plain C++ that the compiler vectorises. On x86-64 (ELF: ifunc) the
-// float ones are compiled for AVX-512, AVX2+FMA and the baseline and picked at load time;
-// elsewhere (aarch64, whose NEON is baseline) once, for the target's baseline ISA.
+// float ones are compiled for x86-64-v4 (AVX-512), x86-64-v3 (AVX2 and FMA) and the baseline and
+// picked at load time (a list "avx2,fma" would make two clones, AVX2 without FMA and FMA
+// without AVX2); elsewhere (aarch64, whose NEON is baseline) once, for the baseline ISA.
 #if defined(__x86_64__) && defined(__ELF__)
-#define SHAPCAM_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2,fma", "default")))
+#define SHAPCAM_SIMD_CLONES \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define SHAPCAM_SIMD_CLONES
 #endif
