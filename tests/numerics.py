@@ -72,16 +72,12 @@ def gamma_likely(n: int, dtype: torch.dtype) -> float:
 # ---- a softmax probability --------------------------------------------------------------------
 
 
-def softmax_sensitivity(p: Union[float, torch.Tensor, None] = None, logit_error=0.0):
+def softmax_sensitivity(p: torch.Tensor, logit_error=0.0) -> torch.Tensor:
     """How far a logit error e (in every logit) moves the softmax probability p_c: by at most
-    sum_j |dp_c/dz_j| = 2 q (1 - q) times e, q the largest p_c along the way. Moving the logits by
-    e changes p_c by a factor within exp(+-2e), so q = min(p e^{2e}, 1/2) (2q(1-q) grows up to
-    q = 1/2). With p unknown (None): 1/2."""
-    if p is None:
-        return 0.5
-    grown = p * math.exp(2 * logit_error) if not isinstance(logit_error, torch.Tensor) \
-        else p * (2 * logit_error).exp()
-    q = grown.clamp(max=0.5) if isinstance(grown, torch.Tensor) else min(grown, 0.5)
+    sum_j |dp_c/dz_j| = 2 q (1 - q) <= 1/2 times e, q the largest p_c along the way. Moving the
+    logits by e changes p_c by a factor within exp(+-2e), so q = min(p e^{2e}, 1/2) (2q(1-q) grows
+    up to q = 1/2)."""
+    q = (p * torch.as_tensor(2 * logit_error, dtype=p.dtype).exp()).clamp(max=0.5)
     return 2 * q * (1 - q)
 
 
@@ -136,13 +132,12 @@ def accumulated_error(values: torch.Tensor, value_error, perms: torch.Tensor, ph
     u = unit_roundoff(acc)
     values = values.double().cpu()
     error = torch.as_tensor(value_error, dtype=torch.float64).expand_as(values)
-    d = (values[..., 1:] - values[..., :-1]).abs()
-    e_d = (error[..., 1:] + error[..., :-1]) * (1 + u) + u * d
-    # Each position's marginal from each permutation, like the reference gathers them.
     signed = values[..., 1:] - values[..., :-1]
-    ranks = permutation_ranks(perms.cpu()).expand_as(d)
-    signed, d, e_d = signed.gather(-1, ranks), d.gather(-1, ranks), e_d.gather(-1, ranks)
-    rounded = d + e_d
+    e_d = (error[..., 1:] + error[..., :-1]) * (1 + u) + u * signed.abs()
+    # Each position's marginal from each permutation, like the reference gathers them.
+    ranks = permutation_ranks(perms.cpu()).expand_as(signed)
+    signed, e_d = signed.gather(-1, ranks), e_d.gather(-1, ranks)
+    rounded = signed.abs() + e_d
     k = values.shape[-2]
     phi = e_d.sum(-2) + gamma(k, acc) * (phi0.double().cpu().abs() + rounded.sum(-2))
 
@@ -280,7 +275,7 @@ class LogitScale:
             error = logit_error
         elif target == "softmax":
             rounding = softmax_rounding(self.linear.out_features, torch.float32, likely=True)
-            error = softmax_sensitivity(top) * logit_error + rounding * top
+            error = softmax_sensitivity(top, logit_error) * logit_error + rounding * top
         else:
             error = float(target) * logit_error
         return float(error.max())
