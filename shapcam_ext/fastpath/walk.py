@@ -46,8 +46,8 @@ class LinearWalk(RunningWalk):
         self.softmax = classes[0].softmax
 
     def __call__(self, perms: torch.Tensor, estimate: RunningEstimate) -> None:
-        ops.linear_walk_(self.start, self.table, perms, self.classes, estimate.total, estimate.total_sq,
-                         softmax=self.softmax, unit_size=estimate.unit_size)
+        ops.linear_walk_(self.start, self.table, perms, self.classes, self.softmax, estimate.total,
+                         estimate.total_sq, estimate.unit_size)
 
 
 def _identity_rows(perms: torch.Tensor) -> torch.Tensor:
