@@ -41,9 +41,11 @@ from shapcam_ext import ShapCAM, backend_info, fastpath  # noqa: E402
 from shapcam_ext.cli.images import bundled_photos, load_image  # noqa: E402
 from shapcam_ext.cli.models import load_model  # noqa: E402
 from shapcam_ext.cli.preprocessing import preprocess  # noqa: E402
+from shapcam_ext.memory import MemoryPlanner  # noqa: E402
 from shapcam_ext.players import PlayerGrid  # noqa: E402
 from shapcam_ext.sampling import PermutationStream  # noqa: E402
-from shapcam_ext.targets import ClassifierOutputSoftmaxTarget  # noqa: E402
+from shapcam_ext.statistics import RunningEstimate  # noqa: E402
+from shapcam_ext.targets import ClassifierOutputSoftmaxTarget, Scorer  # noqa: E402
 
 GOAL = 0.02  # relative L2 error
 
@@ -73,21 +75,35 @@ def rel_error(estimate: torch.Tensor, reference: torch.Tensor) -> float:
     return float((estimate - reference).norm() / reference.norm())
 
 
-def permutations(n: int, k: int, seed: int) -> torch.Tensor:
-    """The engine's permutations for this seed (antithetic pairs), so every method can share them."""
-    return PermutationStream(n, True, seed, "cpu").take(k)
+def permutations(n: int, k: int, seed: int, **design) -> torch.Tensor:
+    """The engine's permutations for this seed (antithetic pairs), so every method can share them.
+
+    ``design``: PermutationStream's design keyword where this build has one (e.g. design="iid").
+    """
+    return PermutationStream(n, True, seed, "cpu", **design).take(k)
+
+
+def spatial_keep(keep: torch.Tensor, h: int, w: int, group_size: int = 1) -> torch.Tensor:
+    """(rows, players) kept players -> (rows, 1, h, w) kept positions: player i is the i-th
+    group_size x group_size cell in row-major order, as shapcam_ext's PlayerGrid groups them."""
+    g = group_size
+    cells = keep.reshape(-1, 1, -(-h // g), -(-w // g))
+    if g == 1:
+        return cells
+    return cells.repeat_interleave(g, -2).repeat_interleave(g, -1)[..., :h, :w]
 
 
 @torch.no_grad()
 def pytorch_loop(trunk: Callable, head: Callable, x: torch.Tensor, category: int, perms: torch.Tensor,
-                 rows: int) -> torch.Tensor:
+                 rows: int, group_size: int = 1) -> torch.Tensor:
     """The obvious implementation: mask with torch.where, run the head on every prefix, difference.
 
-    Returns the (h, w) Shapley map of the softmax probability of ``category``.
+    Returns the Shapley map of the softmax probability of ``category``, one value per player
+    (a group_size x group_size cell of the (h, w) map, see spatial_keep).
     """
     act = trunk(x)  # (1, C, h, w)
     h, w = act.shape[-2:]
-    n = h * w
+    n = perms.shape[1]
     perms = perms.to(act.device)
     ranks = torch.empty_like(perms).scatter_(1, perms, torch.arange(n, device=act.device).expand_as(perms))
     lengths = torch.arange(n + 1, device=act.device)
@@ -95,10 +111,10 @@ def pytorch_loop(trunk: Callable, head: Callable, x: torch.Tensor, category: int
     per_chunk = max(1, rows // (n + 1))
     for k0 in range(0, perms.shape[0], per_chunk):
         r = ranks[k0:k0 + per_chunk]
-        keep = (r[:, None, :] < lengths[None, :, None]).view(-1, 1, h, w)  # (k*(n+1), 1, h, w)
+        keep = spatial_keep(r[:, None, :] < lengths[None, :, None], h, w, group_size)  # (k*(n+1), 1, h, w)
         values = head(torch.where(keep, act, 0.0)).softmax(-1)[:, category].double().view(r.shape[0], n + 1)
         phi.index_add_(0, perms[k0:k0 + per_chunk].flatten(), (values[:, 1:] - values[:, :-1]).flatten())
-    return (phi / perms.shape[0]).view(h, w).cpu()
+    return (phi / perms.shape[0]).view(-(-h // group_size), -(-w // group_size)).cpu()
 
 
 def captum_shapley(head: Callable, act: torch.Tensor, category: int, samples: int, seed: int) -> torch.Tensor:
@@ -277,14 +293,15 @@ def fast_stages(model, layer: str, x, targets, k: int, device: str, repeats: int
         grid = PlayerGrid(out.activation)
         head_s, _ = timed(lambda: engine.split.head(out.activation, *out.held), device, repeats)
         base = grid.baseline(cfg.baseline)
+        # as the engine's _ImageGroup.run calls it
         prepare_s, walk = timed(lambda: fastpath.prepare(
             engine.fast_pattern, engine.split.head, grid, grid.players, out.held, targets, base,
-            cfg.memory_budget, cfg.batch_size, lambda fn: 0), device, repeats)
-        perms = permutations(grid.players.shape[-1] * grid.players.shape[-2], k, 1).to(x.device)
+            MemoryPlanner(cfg.memory_budget, cfg.batch_size), Scorer(), k), device, repeats)
+        n = grid.players.shape[-1] * grid.players.shape[-2]
+        perms = permutations(n, k, 1).to(x.device)
 
         def walk_all():
-            phi = torch.zeros(1, perms.shape[1], dtype=torch.float64, device=x.device)
-            walk(perms, phi, torch.zeros_like(phi))
+            walk(perms, RunningEstimate(1, n, 2, x.device))
 
         walk_s, _ = timed(walk_all, device, repeats)
         total_s, _ = timed(lambda: cam.explain(x, targets), device, repeats)
