@@ -81,8 +81,8 @@ class Plan:
 GAMES = {
     "bn2": Plan("bn2", reference_k=200_000, fast=[16, 32, 64, 128, 256, 512, 1024, 2048, 4096],
                 generic=[64, 256], loop=[64, 256], captum=[64, 256, 1024], shapiq=[16, 64, 256, 1024],
-                seeds=8, slow_seeds=3),
-    "blocks.5": Plan("blocks.5", reference_k=30_000, fast=[64, 256, 1024, 4096], generic=[16], loop=[16],
+                seeds=8, slow_seeds=2),
+    "blocks.5": Plan("blocks.5", reference_k=60_000, fast=[128, 512, 2048, 8192], generic=[16], loop=[16],
                      captum=[16, 64], shapiq=[16, 64], seeds=3, slow_seeds=2,
                      note="generic path, plain loop, Captum and shapiq cost 1-3 ms per evaluation here: "
                           "small budgets only; the generic path and the plain loop walk the same "
@@ -91,8 +91,8 @@ GAMES = {
     "blocks.4": Plan("blocks.4", fast=[4], generic=[2], loop=[2], seeds=1, slow_seeds=1,
                      note="n = 196 and every path costs about 1 s per permutation on this machine: no "
                           "converged reference is affordable, so only the cost per permutation is measured"),
-    "blocks.4-g2": Plan("blocks.4", group_size=2, fast=[4], generic=[4], loop=[4], seeds=1, slow_seeds=1,
-                        note="grouped players have no fast path (the default runs the generic path) and cost "
+    "blocks.4-g2": Plan("blocks.4", group_size=2, fast=[4], loop=[4], seeds=1, slow_seeds=1,
+                        note="grouped players have no fast path (every row runs the generic path) and cost "
                              "about 0.5 s per permutation: no converged reference is affordable, so only the "
                              "cost per permutation is measured"),
 }
@@ -102,7 +102,7 @@ QUICK = {
     "blocks.5": Plan("blocks.5", reference_k=256, fast=[16, 64], generic=[2], loop=[2], captum=[2], shapiq=[2],
                      seeds=2, slow_seeds=1),
     "blocks.4": Plan("blocks.4", fast=[2], generic=[2], loop=[2], seeds=1, slow_seeds=1),
-    "blocks.4-g2": Plan("blocks.4", group_size=2, fast=[2], generic=[2], loop=[2], seeds=1, slow_seeds=1),
+    "blocks.4-g2": Plan("blocks.4", group_size=2, fast=[2], loop=[2], seeds=1, slow_seeds=1),
 }
 
 
