@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.metadata
 import json
 import math
 import os
@@ -506,8 +507,6 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=None, help="seeds per rung (default: each game's plan)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore", category=FutureWarning)
-    import shapiq
-
     plans = QUICK if args.quick else GAMES
     model, x = lite0("cpu")
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
@@ -518,7 +517,7 @@ def main() -> None:
                     "threads": torch.get_num_threads(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
                     "torch": torch.__version__, "backend": backend_info()["backend"],
                     "load_average_start": os.getloadavg()},
-        "shapiq": shapiq.__version__ if hasattr(shapiq, "__version__") else "1.4.1", "quick": args.quick,
+        "shapiq": importlib.metadata.version("shapiq"), "quick": args.quick,
         "design_available": HAS_DESIGN,
         "conventions": ("Worth evaluations: distinct coalitions per image, K * (n - 1) + 2 for K permutations "
                         "(empty and full shared; Captum's and the plain loop's too); for shapiq, the budget "
