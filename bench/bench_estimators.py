@@ -37,6 +37,7 @@ import platform
 import statistics
 import time
 import warnings
+from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
@@ -497,6 +498,14 @@ def markdown(results: dict) -> str:
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
         lines += [""] + [f"- **{verdict(p)}** {goal}: {figures}" for goal, p, figures in result["goals"]] + [""]
+        gaps = {label: max(e["efficiency_gap"] for p in points for e in p["extra"])
+                for label, points in result["ladders"].items()
+                if isinstance(points, list) and "efficiency_gap" in points[0]["extra"][0]}
+        if gaps:
+            lines += [f"Efficiency on the shapiq-side rows, max |sum(phi) - (v(N) - v(empty))| over runs, with "
+                      f"v(N) - v(empty) = {result['value_full'] - result['value_empty']:.4f} (the permutation "
+                      "rows are efficient by construction): "
+                      + "; ".join(f"{label} {gap:.1e}" for label, gap in gaps.items()) + ".", ""]
     return "\n".join(lines)
 
 
@@ -505,7 +514,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny ladders (a smoke run, seconds to a minute)")
     parser.add_argument("--games", nargs="+", default=list(GAMES), choices=list(GAMES))
     parser.add_argument("--seeds", type=int, default=None, help="seeds per rung (default: each game's plan)")
+    parser.add_argument("--render", type=Path, metavar="JSON", help="only write the markdown of a saved run")
     args = parser.parse_args()
+    if args.render:
+        args.render.with_suffix(".md").write_text(markdown(json.loads(args.render.read_text())))
+        return
     warnings.filterwarnings("ignore", category=FutureWarning)
     plans = QUICK if args.quick else GAMES
     model, x = lite0("cpu")
