@@ -123,3 +123,22 @@ def write_image_folder(root: Path, classes: dict[str, list[str]]) -> None:
         (root / name).mkdir(parents=True, exist_ok=True)
         for photo in photos:
             Image.open(available[photo]).save(root / name / f"{photo}.png")
+
+
+def tiny_classifier(classes: int = 1000, seed: int = 0, size: int = 32):
+    """A small random CNN and its preprocessing: its ``features`` layer is a (size / 4)^2 map of a size^2 input."""
+    import torch
+    from torch import nn
+
+    from shapcam_ext.cli.preprocessing import PreprocessConfig
+
+    torch.manual_seed(seed)
+    model = nn.Sequential()
+    model.add_module("stem", nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU()))
+    model.add_module("features", nn.Sequential(nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU()))
+    model.add_module("pool", nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten()))
+    model.add_module("fc", nn.Linear(16, classes))
+    with torch.no_grad():
+        model.fc.weight *= 30  # confident enough for masks to move the probabilities
+    return model.eval(), PreprocessConfig(input_size=(size, size), mean=(0.5,) * 3, std=(0.5,) * 3, crop_pct=1.0,
+                                          crop_mode="squash")

@@ -156,8 +156,40 @@ def test_the_loader_shares_samples_once_each_and_reports_an_unreadable_image(tmp
         loaded = list(batches(images, batch_size=2, workers=0))
         assert len(loaded) == 1  # every rank runs as many batches
         for batch in loaded:
-            seen += batch.indices + [i for i, _ in batch.failures] + batch.skipped
+            seen += batch.indices + [i for i, _, _ in batch.failures] + batch.skipped
             assert batch.x is None or batch.x.shape == (len(batch.indices), 3, 32, 32)
-            for index, message in batch.failures:
+            for index, message, trace in batch.failures:
                 assert found.samples[index].image.name == "broken.png" and "broken.png" in message
+                assert trace.startswith("Traceback")
     assert sorted(seen) == list(range(5))
+
+
+def test_explain_reads_a_dataset_in_batches_and_keeps_what_is_done(tmp_path, monkeypatch):
+    import io
+    import json
+    from contextlib import redirect_stderr, redirect_stdout
+
+    from fixture_data import tiny_classifier
+    from shapcam_ext.cli import main
+    from shapcam_ext.cli import session as session_module
+
+    model, cfg = tiny_classifier()
+    monkeypatch.setattr(session_module, "load_model", lambda name, weights=None: (model, cfg))
+    entries = write_imagenet_val(tmp_path / "imagenet", photos=["chelsea", "coffee", "rocket"])
+    args = ["explain", "--data", tmp_path / "imagenet", "--target", "label", "--layer", "features", "--permutations",
+            "4", "--batch-size", "2", "--no-figures", "--json", "--out", tmp_path / "out"]
+
+    def run():
+        out, err = io.StringIO(), io.StringIO()
+        with redirect_stdout(out), redirect_stderr(err):
+            code = main([str(a) for a in args])
+        return code, [json.loads(line) for line in out.getvalue().splitlines()], err.getvalue()
+
+    code, records, err = run()
+    assert code == 0, err
+    assert [r["target"]["index"] for r in records] == [r["label"] for r in records] == [e["label"] for e in entries]
+    assert [r["key"] for r in records] == [e["path"].stem for e in entries]
+    assert all(r["status"] == "explained" and r["png"] is None for r in records)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [f"{e['path'].stem}_shapcam.npz" for e in entries]
+    code, again, err = run()
+    assert code == 0 and [r["status"] for r in again] == ["kept"] * 3 and "keeping the outputs of 3 of 3" in err

@@ -17,15 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
-from PIL import Image
-
 from shapcam_ext.cli.boxes import Box, read_json_boxes, read_voc_xml
 from shapcam_ext.cli.imagenet import ImageNetMeta, find_meta, read_meta, val_number
+from shapcam_ext.cli.images import expand_images, images_in, is_image_file
 
-__all__ = ["FORMATS", "VOC_CLASSES", "Sample", "SampleSet", "add_json_boxes", "detect_format", "from_paths",
+__all__ = ["VOC_CLASSES", "Sample", "SampleSet", "add_json_boxes", "detect_format", "from_paths",
            "one_per_image", "open_data", "unique_names"]
 
-FORMATS = ("auto", "files", "imagefolder", "imagenet", "voc")
 VOC_CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable", "dog",
     "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
@@ -71,14 +69,6 @@ def unique_names(bases: Sequence[str]) -> list[str]:
     return names
 
 
-def _readable(path: Path) -> bool:
-    return path.is_file() and path.suffix.lower() in {ext.lower() for ext in Image.registered_extensions()}
-
-
-def _images_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if _readable(p))
-
-
 def _with_keys(images: Sequence[Path], labels: Optional[Sequence[Optional[int]]] = None) -> list[Sample]:
     labels = labels or [None] * len(images)
     keys = unique_names([image.stem for image in images])
@@ -86,15 +76,9 @@ def _with_keys(images: Sequence[Path], labels: Optional[Sequence[Optional[int]]]
 
 
 def from_paths(paths: Iterable[Path]) -> SampleSet:
-    """Image files as given, folders replaced by their images sorted by name (``shapcam explain IMAGE ...``).
-
-    A folder without images stays as it is, so that loading it fails as an error of its own and
-    the other images still run.
-    """
-    images = []
-    for path in map(Path, paths):
-        images.extend((_images_in(path) if path.is_dir() else []) or [path])
-    return SampleSet(_with_keys(images), "files")
+    """Image files as given, folders replaced by their images (``shapcam explain IMAGE ...``; see
+    :func:`shapcam_ext.cli.images.expand_images`)."""
+    return SampleSet(_with_keys(expand_images(paths)), "files")
 
 
 def detect_format(data: str) -> str:
@@ -108,7 +92,7 @@ def detect_format(data: str) -> str:
     if find_meta(path) is not None:
         return "imagenet"
     subfolders = [p for p in path.iterdir() if p.is_dir()]
-    if subfolders and not _images_in(path) and any(_images_in(folder) for folder in subfolders):
+    if subfolders and not images_in(path) and any(images_in(folder) for folder in subfolders):
         return "imagefolder"
     return "files"
 
@@ -117,12 +101,12 @@ def _listed_files(data: str) -> list[Path]:
     """A folder's images, a glob's matches, or a file list's entries."""
     path = Path(data)
     if path.is_dir():
-        images = _images_in(path)
-    elif path.is_file() and not _readable(path):
+        images = images_in(path)
+    elif path.is_file() and not is_image_file(path):
         lines = [line.strip() for line in path.read_text().splitlines()]
         images = [path.parent / line for line in lines if line and not line.startswith("#")]
     elif not path.exists() and _GLOB_CHARACTERS & set(data):
-        images = sorted(Path(p) for p in glob.glob(data, recursive=True) if _readable(Path(p)))
+        images = sorted(Path(p) for p in glob.glob(data, recursive=True) if is_image_file(Path(p)))
     else:
         raise ValueError(f"--data {data}: no such folder, image list or glob pattern; pass one of those")
     if not images:
@@ -179,7 +163,7 @@ def _imagenet(root: Path, boxes: Optional[Path]) -> SampleSet:
         folder = _wnid_folder(images_root, meta)
         images, labels = zip(*[(Path(p), label) for p, label in folder.samples]) if folder.samples else ((), ())
     else:
-        images = tuple(_images_in(images_root))
+        images = tuple(images_in(images_root))
         numbers = [val_number(image) for image in images]
         labels = tuple(meta.index(meta.val_wnids[n - 1]) if meta.val_wnids and n else None for n in numbers)
     if not images:
@@ -276,7 +260,7 @@ def open_data(data: str, layout: str = "auto", boxes: Optional[Path] = None, spl
 
     Args:
         data: a folder, glob pattern, file list or dataset root.
-        layout: one of FORMATS; ``auto`` detects it (:func:`detect_format`).
+        layout: ``auto`` (detected, :func:`detect_format`), ``files``, ``imagefolder``, ``imagenet`` or ``voc``.
         boxes: a folder of XML boxes (ImageNet layout) or a JSON boxes file (any layout but VOC).
         split: the VOC image set (``train``, ``val``, ``trainval``, ``test``).
 

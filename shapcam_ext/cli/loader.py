@@ -11,6 +11,7 @@ An image that cannot be read becomes a failure of its own in its batch; the othe
 from __future__ import annotations
 
 import math
+import traceback
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -32,7 +33,7 @@ class _Item:
     index: int
     x: Optional[torch.Tensor] = None
     boxes: tuple[Box, ...] = ()
-    error: Optional[str] = None
+    error: Optional[tuple[str, str]] = None  # message, traceback
     skipped: bool = False
 
 
@@ -43,14 +44,14 @@ class Batch:
     indices: the samples whose images loaded, in the order of ``x``.
     x: (len(indices), 3, H, W) model inputs, or None when none loaded.
     boxes: per loaded sample, its boxes in the input's pixels (boxes cropped away dropped).
-    failures: (index, one-line message) of samples whose image could not be loaded.
+    failures: (index, one-line message, traceback) of samples whose image could not be loaded.
     skipped: samples passed over (their outputs are kept).
     """
 
     indices: list[int] = field(default_factory=list)
     x: Optional[torch.Tensor] = None
     boxes: list[tuple[Box, ...]] = field(default_factory=list)
-    failures: list[tuple[int, str]] = field(default_factory=list)
+    failures: list[tuple[int, str, str]] = field(default_factory=list)
     skipped: list[int] = field(default_factory=list)
 
 
@@ -92,8 +93,8 @@ class SampleImages(Dataset):
             image = load_image(sample.image)
             boxes = tuple(box_to_input(box, image.size, self.cfg) for box in sample.boxes)
             return _Item(index, preprocess(image, self.cfg)[0], tuple(b for b in boxes if b[2] > b[0] and b[3] > b[1]))
-        except IMAGE_ERRORS as err:
-            return _Item(index, error=_message(sample, err))
+        except IMAGE_ERRORS as err:  # the traceback as text: a worker's exception does not travel
+            return _Item(index, error=(_message(sample, err), traceback.format_exc()))
 
 
 def _collate(items: list) -> Batch:
@@ -105,7 +106,7 @@ def _collate(items: list) -> Batch:
         if item.skipped:
             batch.skipped.append(item.index)
         elif item.error is not None:
-            batch.failures.append((item.index, item.error))
+            batch.failures.append((item.index, *item.error))
         else:
             batch.indices.append(item.index)
             batch.boxes.append(item.boxes)
