@@ -69,7 +69,7 @@ class _Evaluator:
         return self._record(index, name, status="failed", error=record["error"]), None, trace
 
     def _run(self, name: str, x: torch.Tensor, indices: list[int], classes: list[int], y: list[float], boxes) -> list:
-        """(record, map or None, traceback or None) per image; on an error, each image alone."""
+        """(record, float16 map or None, traceback or None) per image; on an error, each image alone."""
         s = self.session
         try:
             start = time.perf_counter()
@@ -84,7 +84,7 @@ class _Evaluator:
                     for item in self._run(name, x[k:k + 1], indices[k:k + 1], classes[k:k + 1], y[k:k + 1],
                                           boxes[k:k + 1])]
         return [(self._record(i, name, status="scored", target={"index": c, "name": s.class_name(c)},
-                              probability=p, seconds=seconds, details=info, **value), heat, None)
+                              probability=p, seconds=seconds, details=info, **value), heat.astype(np.float16), None)
                 for i, c, p, heat, info, value in zip(indices, classes, y, maps, infos, values)]
 
     def batch(self, batch) -> list:

@@ -95,9 +95,9 @@ class ResultStore:
         return {(r["key"], r["method"]) for r in self.records() if r["status"] == "scored"}
 
     def add(self, records: Iterable[dict], maps: Iterable[tuple[str, str, np.ndarray]]) -> None:
-        """Save maps (key, method, (H, W) array), then append their records as JSON lines, in one write."""
+        """Save maps (key, method, (H, W) float16 array), then append their records as JSON lines, in one write."""
         for key, method, heat in maps:
-            write_array(self.map_path(key, method), heat.astype(np.float16))
+            write_array(self.map_path(key, method), heat)
         text = "".join(json.dumps(record, allow_nan=False) + "\n" for record in records)
         if text:
             with open(self.records_path, "a") as file:
