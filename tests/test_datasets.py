@@ -164,7 +164,7 @@ def test_the_loader_shares_samples_once_each_and_reports_an_unreadable_image(tmp
     assert sorted(seen) == list(range(5))
 
 
-def test_explain_reads_a_dataset_in_batches_and_keeps_what_is_done(tmp_path, monkeypatch):
+def test_explain_reads_a_dataset_through_workers_in_batches_and_keeps_what_is_done(tmp_path, monkeypatch):
     import io
     import json
     from contextlib import redirect_stderr, redirect_stdout
@@ -177,7 +177,7 @@ def test_explain_reads_a_dataset_in_batches_and_keeps_what_is_done(tmp_path, mon
     monkeypatch.setattr(session_module, "load_model", lambda name, weights=None: (model, cfg))
     entries = write_imagenet_val(tmp_path / "imagenet", photos=["chelsea", "coffee", "rocket"])
     args = ["explain", "--data", tmp_path / "imagenet", "--target", "label", "--layer", "features", "--permutations",
-            "4", "--batch-size", "2", "--no-figures", "--json", "--out", tmp_path / "out"]
+            "4", "--batch-size", "2", "--workers", "2", "--no-figures", "--json", "--out", tmp_path / "out"]
 
     def run():
         out, err = io.StringIO(), io.StringIO()

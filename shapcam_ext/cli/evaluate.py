@@ -16,7 +16,7 @@ import logging
 import platform
 import time
 import traceback
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
@@ -87,33 +87,35 @@ class _Evaluator:
                               probability=p, seconds=seconds, details=info, **value), heat.astype(np.float16), None)
                 for i, c, p, heat, info, value in zip(indices, classes, y, maps, infos, values)]
 
-    def batch(self, batch) -> list:
-        """(sample index, record, map or None, traceback or None) per sample and method to do in ``batch``."""
+    def batch(self, batch) -> Iterator[list]:
+        """Per method, then once more: (sample index, record, map or None, traceback or None) of ``batch``.
+
+        Yields len(names) + 1 lists whatever the batch holds, so that processes stay in step when
+        they exchange each list; the last holds the failures of the batch as a whole.
+        """
         s = self.session
-        out = []
-        todo = {i: [n for n in self.names if (self.samples[i].key, n) not in self.done] for i in batch.indices}
-        for i, message, trace in batch.failures:
-            out += [(i, *self._failed(i, n, message, trace)) for n in self.names
-                    if (self.samples[i].key, n) not in self.done]
-        if batch.x is None:
-            return out
-        x = batch.x.to(s.device)
-        with torch.no_grad():
-            probabilities = s.model(x).softmax(-1)
-        finite = torch.isfinite(probabilities).all(-1).tolist()
-        for k, i in enumerate(batch.indices):
-            if not finite[k]:
-                out += [(i, *self._failed(i, n, NON_FINITE, None)) for n in todo[i]]
+        failed = [(i, *self._failed(i, n, message, trace)) for i, message, trace in batch.failures
+                  for n in self.names if (self.samples[i].key, n) not in self.done]
+        rows, probabilities = [], None
+        if batch.x is not None:
+            x = batch.x.to(s.device)
+            with torch.no_grad():
+                probabilities = s.model(x).softmax(-1)
+            finite = torch.isfinite(probabilities).all(-1).tolist()
+            rows = [k for k, ok in enumerate(finite) if ok]
+            failed += [(i, *self._failed(i, n, NON_FINITE, None)) for k, i in enumerate(batch.indices) if not finite[k]
+                       for n in self.names if (self.samples[i].key, n) not in self.done]
         for name in self.names:
-            rows = [k for k, i in enumerate(batch.indices) if finite[k] and name in todo[i]]
-            if not rows:
+            mine = [k for k in rows if (self.samples[batch.indices[k]].key, name) not in self.done]
+            if not mine:
+                yield []
                 continue
-            indices = [batch.indices[k] for k in rows]
-            classes = [category_of(s.args.target, self.samples[i].label, probabilities[k]) for i, k in zip(indices, rows)]
-            y = probabilities[rows, classes].tolist()
-            results = self._run(name, x[rows], indices, classes, y, [batch.boxes[k] for k in rows])
-            out += [(i, *result) for i, result in zip(indices, results)]
-        return out
+            indices = [batch.indices[k] for k in mine]
+            classes = [category_of(s.args.target, self.samples[i].label, probabilities[k]) for i, k in zip(indices, mine)]
+            y = probabilities[mine, classes].tolist()
+            results = self._run(name, x[mine], indices, classes, y, [batch.boxes[k] for k in mine])
+            yield [(i, *result) for i, result in zip(indices, results)]
+        yield failed
 
 
 def _environment(session: Session) -> dict:
@@ -218,15 +220,17 @@ def run_evaluate(args: argparse.Namespace) -> int:
             bar = tqdm(total=len(pending), desc="samples", unit="sample",
                        disable=None if main_process and not args.quiet else True)
             for batch in batches(images, args.batch_size, args.workers, pin_memory=args.device.type == "cuda"):
-                parts = distributed.gather_to_main(evaluator.batch(batch))
-                if parts is not None:
-                    results = sorted((item for part in parts for item in part), key=lambda item: item[0])
+                for mine in evaluator.batch(batch):  # saved method by method: an interrupt loses one at most
+                    everyone = distributed.gather_to_main(mine)
+                    if everyone is None:
+                        continue
+                    results = sorted((item for part in everyone for item in part), key=lambda item: item[0])
                     for _, record, _, trace in results:
                         failed += record["status"] == "failed"
                         report_failure(record, trace)
                     store.add([r for _, r, _, _ in results],
                               [(r["key"], r["method"], heat) for _, r, heat, _ in results if heat is not None])
-                    bar.update(len({index for index, *_ in results}))
+                bar.update(sum(distributed.gather(len(batch.indices) + len(batch.failures))))
             bar.close()
             failed = distributed.broadcast(failed)
             if main_process:

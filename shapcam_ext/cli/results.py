@@ -54,6 +54,9 @@ class ResultStore:
         Starting over removes this store's files (only those). Resuming needs the settings the
         results were made with; the methods may differ (new ones are computed, others ignored).
         """
+        if resume and not self.settings_path.exists() and self.records_path.exists():
+            return (f"--resume: {self.records_path} has no {self.settings_path.name} beside it, so its settings are "
+                    "unknown; pass --overwrite to start over")
         if resume and self.settings_path.exists():
             stored = json.loads(self.settings_path.read_text())
             changed = sorted(k for k in set(stored) | set(settings)
