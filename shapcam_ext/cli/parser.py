@@ -44,6 +44,10 @@ examples:
   shapcam explain --data /data/imagenet --target label --batch-size 16 --no-figures --out maps
   # the paper's evaluation of the bundled photos, boxes drawn by hand
   shapcam evaluate --boxes experiments/boxes.json --target label --methods shapcam,gradcam --out eval
+  # ILSVRC2012 validation (devkit inside) with its XML boxes, every method, two processes; then carry on
+  torchrun --nproc_per_node=2 -m shapcam_ext evaluate --data /data/imagenet --boxes /data/imagenet/bbox_val \
+      --target label --methods mask,rise,gradcam,gradcam++,scorecam,shapcam --batch-size 8 --workers 4 --out eval
+  torchrun --nproc_per_node=2 -m shapcam_ext evaluate ... --out eval --resume
 
 Existing outputs are kept (the run says so) unless --overwrite is given.
 Exit status: 0 success, 1 an image or the setup failed, 2 bad arguments, 130 interrupted.
@@ -146,7 +150,8 @@ def _model_options() -> argparse.ArgumentParser:
     options.add_argument("--device", type=_device, default=torch.device("cpu"), metavar="cpu|cuda|cuda:N",
                          help="where to run (default cpu; under torchrun, cuda means each process's local GPU)")
     options.add_argument("--overwrite", action="store_true",
-                         help="recompute what exists in --out and replace it (default: keep it)")
+                         help="recompute what exists in --out and replace it (default: keep it; evaluate then "
+                              "needs --resume)")
     return options
 
 
