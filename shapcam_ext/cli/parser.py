@@ -45,9 +45,9 @@ examples:
   # the paper's evaluation of the bundled photos, boxes drawn by hand
   shapcam evaluate --boxes experiments/boxes.json --target label --methods shapcam,gradcam --out eval
   # ILSVRC2012 validation (devkit inside) with its XML boxes, every method, two processes; then carry on
-  torchrun --nproc_per_node=2 -m shapcam_ext evaluate --data /data/imagenet --boxes /data/imagenet/bbox_val \
+  torchrun --nproc_per_node=2 -m shapcam_ext evaluate --data /data/imagenet --boxes /data/imagenet/bbox_val \\
       --target label --methods mask,rise,gradcam,gradcam++,scorecam,shapcam --batch-size 8 --workers 4 --out eval
-  torchrun --nproc_per_node=2 -m shapcam_ext evaluate ... --out eval --resume
+  # the same command with --resume carries on after an interrupt
 
 Existing outputs are kept (the run says so) unless --overwrite is given.
 Exit status: 0 success, 1 an image or the setup failed, 2 bad arguments, 130 interrupted.
