@@ -98,11 +98,13 @@ def detect_format(data: str) -> str:
 
 
 def _listed_files(data: str) -> list[Path]:
-    """A folder's images, a glob's matches, or a file list's entries."""
+    """A folder's images, a glob's matches, a file list's entries, or the image itself."""
     path = Path(data)
     if path.is_dir():
         images = images_in(path)
-    elif path.is_file() and not is_image_file(path):
+    elif is_image_file(path):
+        images = [path]
+    elif path.is_file():
         lines = [line.strip() for line in path.read_text().splitlines()]
         images = [path.parent / line for line in lines if line and not line.startswith("#")]
     elif not path.exists() and _GLOB_CHARACTERS & set(data):
