@@ -10,6 +10,11 @@ are conservative. Prints a table and writes JSON to bench/results/ops_<device>.j
 masked_prefixes writes K*(n+1) maps of C*h*w values; where that exceeds --chunk-mib (default
 256 MiB) the benchmark takes all K permutations but only the first prefix lengths that fit, the
 chunk a streaming caller would produce. The table's `maps` column says how many were written.
+On CUDA its GB/s are set against the GPU's peak memory bandwidth (from the device's memory
+clock and bus width, else a table of the cards we are lent).
+
+linear_walk_ runs on float32 logits (walked in float) and on float64 logits (walked in double):
+the cost of the precision policy's choice (csrc/shapcam_math.h).
 """
 from __future__ import annotations
 
@@ -25,8 +30,9 @@ from torch.utils import benchmark
 from shapcam_ext import reference
 from shapcam_ext._backend import backend_info
 
-# Peak DRAM bandwidth (TB/s) of the cards we are lent, matched against the device name.
-PEAK_TBPS = {"H200": 4.8, "H100 PCIe": 2.0, "H100": 3.35, "A100-SXM4-80GB": 2.04, "A100": 1.56}
+# Peak DRAM bandwidth (TB/s) of the cards we are lent, matched against the device name (the
+# first key it contains), for when the device does not report its memory clock and bus width.
+PEAK_TBPS = {"H200": 4.8, "H100 NVL": 3.9, "H100 PCIe": 2.0, "H100": 3.35, "A100-SXM4-80GB": 2.04, "A100": 1.56}
 MAP_SHAPES = [(512, 7, 7), (1280, 7, 7), (512, 14, 14)]
 PERMUTATIONS = [8, 64, 256]
 CLASSES = 1000
@@ -69,23 +75,37 @@ def bench_scatter_marginals(n, k, device, min_run_time):
     return dict(op="scatter_marginals_", shape=f"n={n}", K=k, compiled_ms=compiled * 1e3, reference_ms=ref * 1e3)
 
 
-def bench_linear_walk(n, k, device, min_run_time):
-    start = torch.randn(1, CLASSES, device=device)
-    deltas = torch.randn(1, n, CLASSES, device=device) / n
+def bench_linear_walk(n, k, device, min_run_time, dtype=torch.float32):
+    """The softmax walk of ``dtype`` logits into accumulators of the same dtype."""
+    start = torch.randn(1, CLASSES, device=device, dtype=dtype)
+    deltas = torch.randn(1, n, CLASSES, device=device, dtype=dtype) / n
     perms = random_perms(k, n, device)
     classes = torch.tensor([7], device=device)
-    phi, phi_sq = torch.zeros(1, n, device=device), torch.zeros(1, n, device=device)
+    phi, phi_sq = torch.zeros(1, n, device=device, dtype=dtype), torch.zeros(1, n, device=device, dtype=dtype)
     args = (start, deltas, perms, classes, True, phi, phi_sq)
     compiled = median_seconds(lambda: torch.ops.shapcam.linear_walk_(*args), min_run_time)
     ref = median_seconds(lambda: reference.linear_walk_(*args), min_run_time)
-    return dict(op="linear_walk_ (softmax)", shape=f"n={n},M={CLASSES}", K=k, compiled_ms=compiled * 1e3,
-                reference_ms=ref * 1e3)
+    return dict(op="linear_walk_ (softmax)", shape=f"n={n},M={CLASSES},{str(dtype)[6:]}", K=k,
+                compiled_ms=compiled * 1e3, reference_ms=ref * 1e3)
+
+
+def peak_bandwidth(name: str):
+    """(TB/s, how it was found) of the current GPU's memory: double data rate times the bus width
+    where torch reports the memory clock, else PEAK_TBPS, else (None, why)."""
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    clock_khz, bus_bits = getattr(props, "memory_clock_rate", 0), getattr(props, "memory_bus_width", 0)
+    if clock_khz and bus_bits:
+        return 2 * clock_khz * 1e3 * bus_bits / 8 / 1e12, f"2 x {clock_khz / 1e3:.0f} MHz x {bus_bits} bits"
+    for key, tbps in PEAK_TBPS.items():
+        if key in name:
+            return tbps, f"datasheet ({key})"
+    return None, "unknown: the device reports no memory clock and is not in PEAK_TBPS"
 
 
 def format_table(rows, with_bandwidth: bool) -> str:
     columns = ["op", "shape", "K", "maps", "mib", "compiled_ms", "reference_ms", "speedup"]
     if with_bandwidth:
-        columns.append("GB/s")
+        columns += ["GB/s", "of_peak"]
     cells = [[fmt(row.get(col, "")) for col in columns] for row in rows]
     widths = [max(len(col), *(len(c[i]) for c in cells)) for i, col in enumerate(columns)]
     line = lambda values: " | ".join(v.rjust(wd) for v, wd in zip(values, widths))  # noqa: E731
@@ -115,15 +135,17 @@ def main() -> int:
         return 1
     torch.manual_seed(0)
 
-    rows = []
+    rows, walk_ms = [], {}
     for c, h, w in MAP_SHAPES:
         for k in PERMUTATIONS:
             rows.append(bench_masked_prefixes(c, h, w, k, args.device, args.chunk_mib << 20, args.min_run_time))
     for n in sorted({h * w for _, h, w in MAP_SHAPES}):
         for k in PERMUTATIONS:
             rows.append(bench_scatter_marginals(n, k, args.device, args.min_run_time))
-        for k in PERMUTATIONS:
-            rows.append(bench_linear_walk(n, k, args.device, args.min_run_time))
+        for dtype in (torch.float32, torch.float64):
+            for k in PERMUTATIONS:
+                rows.append(bench_linear_walk(n, k, args.device, args.min_run_time, dtype))
+                walk_ms[n, k, dtype] = rows[-1]["compiled_ms"]
     for row in rows:
         row["speedup"] = row["reference_ms"] / row["compiled_ms"]
         if args.device == "cpu":
@@ -134,13 +156,21 @@ def main() -> int:
     if args.device == "cuda":
         name = torch.cuda.get_device_name()
         meta["device_name"] = name
-        meta["peak_TB/s"] = next((tbps for key, tbps in PEAK_TBPS.items() if key in name), None)
+        meta["peak_TB/s"], meta["peak_from"] = peak_bandwidth(name)
+        if meta["peak_TB/s"]:
+            for row in rows:
+                if "GB/s" in row:
+                    row["of_peak"] = row["GB/s"] / 1e3 / meta["peak_TB/s"]
+    meta["double_walk_cost"] = {f"n={n},K={k}": walk_ms[n, k, torch.float64] / walk_ms[n, k, torch.float32]
+                                for n, k, dtype in walk_ms if dtype == torch.float32}
     print(f"shapcam ops, compiled vs reference: {meta}")
     print(format_table(rows, with_bandwidth=args.device == "cuda"))
     if meta.get("peak_TB/s"):
-        best = max(r["GB/s"] for r in rows if "GB/s" in r)
-        print(f"masked_prefixes best {best:.0f} GB/s = {best / 1e3 / meta['peak_TB/s']:.0%} of the "
-              f"{meta['device_name']} peak {meta['peak_TB/s']} TB/s")
+        best = max(rows, key=lambda r: r.get("GB/s", 0))
+        print(f"masked_prefixes best {best['GB/s']:.0f} GB/s = {best['of_peak']:.0%} of the {meta['device_name']} "
+              f"peak {meta['peak_TB/s']:.2f} TB/s ({meta['peak_from']})")
+    costs = meta["double_walk_cost"].values()
+    print(f"linear_walk_: the double walk takes {min(costs):.1f}x to {max(costs):.1f}x the float walk's time")
     slower = [f"{r['op']} {r['shape']} K={r['K']}" for r in rows if r["speedup"] <= 1]
     print("compiled ahead on every shape" if not slower else f"compiled NOT ahead on: {slower}")
 

@@ -42,7 +42,7 @@ from shapcam_ext.cli.images import bundled_photos, load_image  # noqa: E402
 from shapcam_ext.cli.models import load_model  # noqa: E402
 from shapcam_ext.cli.preprocessing import preprocess  # noqa: E402
 from shapcam_ext.players import PlayerGrid  # noqa: E402
-from shapcam_ext.sampling import sample_permutations  # noqa: E402
+from shapcam_ext.sampling import PermutationStream  # noqa: E402
 from shapcam_ext.targets import ClassifierOutputSoftmaxTarget  # noqa: E402
 
 GOAL = 0.02  # relative L2 error
@@ -75,7 +75,7 @@ def rel_error(estimate: torch.Tensor, reference: torch.Tensor) -> float:
 
 def permutations(n: int, k: int, seed: int) -> torch.Tensor:
     """The engine's permutations for this seed (antithetic pairs), so every method can share them."""
-    return sample_permutations(n, k, torch.Generator().manual_seed(seed), antithetic=True)
+    return PermutationStream(n, True, seed, "cpu").take(k)
 
 
 @torch.no_grad()

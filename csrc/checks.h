@@ -11,16 +11,20 @@
 
 #include <vector>
 
+#include "shapcam_math.h"
+
 namespace shapcam {
 
-constexpr const char* kNotPermutation = "perms: every row must be a permutation of 0..n-1";
+constexpr const char* kNotPermutation = SHAPCAM_NOT_PERMUTATION;
 
 inline bool is_float_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
 }
 
 // Shape and dtype only: whether each row is a permutation is a data-dependent check, made by the
-// device's kernels (check_permutations_cpu, permutation_ranks_cuda).
+// device's kernels: the CPU raises ValueError (check_permutations_cpu); CUDA checks with
+// device-side asserts (permutation_ranks_cuda), since raising would need a host sync. The engine's
+// permutations are argsorts of random numbers (shapcam_ext/sampling.py): valid by construction.
 inline void check_perms(const at::Tensor& perms, int64_t n) {
   TORCH_CHECK(perms.scalar_type() == at::kLong, "perms must be int64, got ", perms.scalar_type(),
               "; convert it with perms.long()");
@@ -60,10 +64,12 @@ inline void check_masked_prefixes_args(const at::Tensor& activations, const at::
 }
 
 // phi and phi_sq accumulate per-position sums of marginals taken from `values`, which has
-// batch dimensions `batch` (empty or {B}), then (K, n+1).
+// batch dimensions `batch` (empty or {B}), then (K, n+1), over units of unit_size permutations.
 inline void check_accumulators(at::IntArrayRef batch, int64_t n, const at::Tensor& perms,
                                const at::Tensor& phi, const at::Tensor& phi_sq,
-                               const at::Device& device) {
+                               const at::Device& device, int64_t unit_size) {
+  TORCH_CHECK(unit_size >= 1 && perms.size(0) % unit_size == 0,
+              "unit_size must be a positive divisor of K = ", perms.size(0), ", got ", unit_size);
   std::vector<int64_t> expected(batch.begin(), batch.end());
   expected.push_back(n);
   const auto check_one = [&](const char* name, const at::Tensor& acc) {
@@ -83,7 +89,8 @@ inline void check_accumulators(at::IntArrayRef batch, int64_t n, const at::Tenso
 }
 
 inline void check_scatter_marginals_args(const at::Tensor& values, const at::Tensor& perms,
-                                         const at::Tensor& phi, const at::Tensor& phi_sq) {
+                                         const at::Tensor& phi, const at::Tensor& phi_sq,
+                                         int64_t unit_size) {
   TORCH_CHECK(values.dim() == 2 || values.dim() == 3,
               "values must be (K, n+1) or (B, K, n+1), got ", values.sizes());
   TORCH_CHECK(is_float_dtype(values.scalar_type()), "values must be floating, got ",
@@ -93,12 +100,13 @@ inline void check_scatter_marginals_args(const at::Tensor& values, const at::Ten
   TORCH_CHECK(values.size(-2) == perms.size(0), "values has ", values.size(-2),
               " permutations but perms has ", perms.size(0));
   check_accumulators(values.sizes().slice(0, values.dim() - 2), n, perms, phi, phi_sq,
-                     values.device());
+                     values.device(), unit_size);
 }
 
 inline void check_linear_walk_args(const at::Tensor& start_logits, const at::Tensor& deltas,
                                    const at::Tensor& perms, const at::Tensor& classes,
-                                   const at::Tensor& phi, const at::Tensor& phi_sq) {
+                                   const at::Tensor& phi, const at::Tensor& phi_sq,
+                                   int64_t unit_size) {
   TORCH_CHECK(start_logits.dim() == 2 && deltas.dim() == 3 &&
                   deltas.size(0) == start_logits.size(0) && deltas.size(2) == start_logits.size(1),
               "start_logits must be (B, M) and deltas (B, n, M), got ", start_logits.sizes(),
@@ -116,32 +124,25 @@ inline void check_linear_walk_args(const at::Tensor& start_logits, const at::Ten
               ", ", deltas.device(), ", ", classes.device());
   const int64_t n = deltas.size(1);
   check_perms(perms, n);
-  check_accumulators(deltas.sizes().slice(0, 1), n, perms, phi, phi_sq, start_logits.device());
+  check_accumulators(deltas.sizes().slice(0, 1), n, perms, phi, phi_sq, start_logits.device(),
+                     unit_size);
 }
 
-// Data-dependent (one device sync on CUDA); run after the shape checks.
-inline void check_classes_in_range(const at::Tensor& classes, int64_t num_classes) {
-  if (classes.numel() == 0) return;
-  const bool outside = classes.lt(0).logical_or_(classes.ge(num_classes)).any().item<bool>();
-  TORCH_CHECK_VALUE(!outside, "classes must lie in [0, M) = [0, ", num_classes,
-                    "), the columns of start_logits");
-}
-
-// What both devices' masked_prefixes kernels work from once the arguments are checked. Every
-// output row (b, k, t, p) is one run of C values copied from acts[b, p] or base[b, p].
+// What both devices' masked_prefixes kernels work from once the arguments are checked (with
+// check_masked_prefixes_args). Every output row (b, k, t), decoded by decode_prefix_row, holds
+// for each position p one run of C values copied from acts[b, p] or base[b, p].
 struct MaskedPrefixesPlan {
   at::Tensor acts;  // (B, n, C) contiguous: free for channels_last input
   at::Tensor base;  // (B, n, C) contiguous, the baseline broadcast
   at::Tensor out;   // (B*Kc*Tc, C, h, w) channels_last, i.e. (B*Kc*Tc, n, C) in memory
-  int64_t n, perm_start, num_perms, prefix_start, num_prefixes;
+  int64_t n;
+  PrefixGrid<int64_t> grid;
 };
 
 inline MaskedPrefixesPlan plan_masked_prefixes(const at::Tensor& activations,
-                                               const at::Tensor& baseline, const at::Tensor& perms,
-                                               int64_t perm_start, int64_t perm_end,
-                                               int64_t prefix_start, int64_t prefix_end) {
-  check_masked_prefixes_args(activations, baseline, perms, perm_start, perm_end, prefix_start,
-                             prefix_end);
+                                               const at::Tensor& baseline, int64_t perm_start,
+                                               int64_t perm_end, int64_t prefix_start,
+                                               int64_t prefix_end) {
   const at::Tensor acts = activations.dim() == 4 ? activations : activations.unsqueeze(0);
   const int64_t b = acts.size(0), c = acts.size(1), h = acts.size(2), w = acts.size(3);
   const auto channel_runs = [&](const at::Tensor& t) {
@@ -154,10 +155,7 @@ inline MaskedPrefixesPlan plan_masked_prefixes(const at::Tensor& activations,
           .base = channel_runs(baseline),
           .out = out,
           .n = h * w,
-          .perm_start = perm_start,
-          .num_perms = num_perms,
-          .prefix_start = prefix_start,
-          .num_prefixes = num_prefixes};
+          .grid = {perm_start, num_perms, prefix_start, num_prefixes}};
 }
 
 }  // namespace shapcam

@@ -19,9 +19,10 @@ TORCH_LIBRARY(shapcam, m) {
   m.def(
       "masked_prefixes(Tensor activations, Tensor baseline, Tensor perms, int perm_start, "
       "int perm_end, int prefix_start, int prefix_end) -> Tensor");
-  m.def("scatter_marginals_(Tensor values, Tensor perms, Tensor(a!) phi, Tensor(b!) phi_sq) -> ()");
+  m.def(
+      "scatter_marginals_(Tensor values, Tensor perms, Tensor(a!) phi, Tensor(b!) phi_sq, "
+      "int unit_size=1) -> ()");
   m.def(
       "linear_walk_(Tensor start_logits, Tensor deltas, Tensor perms, Tensor classes, bool "
-      "softmax, "
-      "Tensor(a!) phi, Tensor(b!) phi_sq) -> ()");
+      "softmax, Tensor(a!) phi, Tensor(b!) phi_sq, int unit_size=1) -> ()");
 }

@@ -56,7 +56,8 @@ class SamplingConfig:
     memory_budget: bytes one chunk of work may allocate.
     batch_size: head evaluations per chunk; overrides the budget-derived chunk size.
     fast_path: use an exact shortcut when the head's graph proves one applies (pooled or
-        local-pool heads, see :mod:`shapcam_ext.fastpath`); False forces the generic path.
+        local-pool heads, and heads that mix positions locally before a global pool, see
+        :mod:`shapcam_ext.fastpath`); False forces the generic path.
     """
 
     n_permutations: int = 256
@@ -118,7 +119,8 @@ class ShapleyResult:
         count as one); zeros for exact enumeration; None when undefined (a single unit).
     value_full / value_empty: the target's score with every / no position kept.
     path: how the coalitions were evaluated: "generic" (the head on masked maps), or an exact
-        fast path: "pooled-linear", "pooled" or "local-pool-linear".
+        fast path: "pooled-linear", "pooled", "local-pool-linear", or for heads that mix positions
+        locally before their pool, "incremental-table" or "incremental-recompute".
     feature_map: (h, w) the values over the feature map's positions (a grouped player's value
         on each of its positions), for display.
     """
@@ -267,15 +269,15 @@ class _ImageGroup:
         everyone = slice(0, self.batch)
         base_map = self.baseline.expand_as(self.players)
         ends = self.worth(torch.stack([base_map, self.players], 1).flatten(0, 1), everyone)  # (b, 2)
-        walk = None
-        if self.engine.fast_pattern is not None:
-            walk = fastpath.prepare(self.engine.fast_pattern, self.engine.split.head, self.grid, self.players,
-                                    self.held, self.targets, self.baseline, self.planner, self.scorer)
         stream = (ExhaustiveStream(self.n, self.device) if cfg.exact
                   else PermutationStream(self.n, cfg.antithetic, cfg.seed, self.device))
         estimate = RunningEstimate(self.batch, self.n, stream.unit_size, self.device, stream.exhaustive)
         unit = stream.unit_size
         total = stream.total if stream.exhaustive else -(-cfg.n_permutations // unit) * unit
+        walk = None
+        if self.engine.fast_pattern is not None:
+            walk = fastpath.prepare(self.engine.fast_pattern, self.engine.split.head, self.grid, self.players,
+                                    self.held, self.targets, self.baseline, self.planner, self.scorer, total)
         accumulate = walk if walk is not None else _GenericPath(self)
         per_round = max(unit, accumulate.permutations_per_round(unit) // unit * unit)
         schedule = _StopSchedule(cfg.tolerance, unit, total)

@@ -1,18 +1,25 @@
 """torch.fx graph utilities shared by the model split (head.py) and the fast-path proofs (fastpath/).
 
-Three things both need: walking a graph forwards or backwards from some nodes, copying the part
-of a graph between given inputs and outputs into a module of its own, and reading a call's
-arguments by name.
+Four things both need: walking a graph forwards or backwards from some nodes, copying the part
+of a graph between given inputs and outputs into a module of its own, reading a call's
+arguments by name, and telling which calls write into their input.
 """
 from __future__ import annotations
 
 import inspect
+import operator
 from typing import Any, Callable, Iterable, Optional
 
 import torch.fx as fx
 from torch import nn
 
-__all__ = ["ancestors", "bound_arguments", "descendants", "extract", "reachable"]
+__all__ = ["ancestors", "bound_arguments", "descendants", "extract", "mutates_first_arg", "reachable"]
+
+_INPLACE_OPERATORS = {
+    operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv, operator.imod,
+    operator.ipow, operator.imatmul, operator.iand, operator.ior, operator.ixor, operator.ilshift,
+    operator.irshift,
+}
 
 
 def reachable(roots: Iterable[fx.Node], step: Callable[[fx.Node], Iterable[fx.Node]],
@@ -85,3 +92,20 @@ def bound_arguments(node: fx.Node) -> Optional[dict]:
         return None
     bound.apply_defaults()
     return bound.arguments
+
+
+def mutates_first_arg(node: fx.Node, root: nn.Module) -> bool:
+    """Whether ``node`` may write into its first argument (in-place ops seen in torchvision/timm)."""
+    if node.op == "call_module":
+        return getattr(root.get_submodule(node.target), "inplace", False) is True
+    if node.op == "call_method":
+        return node.target.endswith("_") and not node.target.endswith("__")
+    if node.op != "call_function":
+        return False
+    if node.target in _INPLACE_OPERATORS:
+        return True
+    name = getattr(node.target, "__name__", "")
+    if name.endswith("_") and not name.endswith("__"):
+        return True  # torch.relu_, torch.add_ ...
+    arguments = bound_arguments(node)
+    return (arguments if arguments is not None else node.kwargs).get("inplace") is True

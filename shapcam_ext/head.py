@@ -12,7 +12,6 @@ split is used instead: correct, but the head reruns the whole model on every cal
 from __future__ import annotations
 
 import difflib
-import operator
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Union
@@ -20,9 +19,9 @@ from typing import Any, Callable, Optional, Union
 import torch.fx as fx
 from torch import Tensor, nn
 
-from shapcam_ext.fxutils import ancestors, bound_arguments, descendants, extract
+from shapcam_ext.fxutils import ancestors, descendants, extract, mutates_first_arg
 
-__all__ = ["SplitModel", "TrunkOutput", "split_model", "module_name"]
+__all__ = ["SplitModel", "TrunkOutput", "expand_held", "split_model", "module_name"]
 
 
 @dataclass
@@ -127,34 +126,12 @@ class _CutTracer(fx.Tracer):
 # Metadata reads: recomputed in the head (from a held tensor) so that sizes follow the head's batch.
 _META_ATTRS = {"shape", "ndim", "dtype", "device", "is_cuda"}
 _META_METHODS = {"size", "dim"}
-_INPLACE_OPERATORS = {
-    operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv, operator.imod,
-    operator.ipow, operator.imatmul, operator.iand, operator.ior, operator.ixor, operator.ilshift,
-    operator.irshift,
-}
 
 
 def _is_metadata(node: fx.Node) -> bool:
     if node.op == "call_function" and node.target is getattr:
         return node.args[1] in _META_ATTRS
     return node.op == "call_method" and node.target in _META_METHODS
-
-
-def _mutates_first_arg(node: fx.Node, root: nn.Module) -> bool:
-    """Whether ``node`` may write into its first argument (in-place ops seen in torchvision/timm)."""
-    if node.op == "call_module":
-        return getattr(root.get_submodule(node.target), "inplace", False) is True
-    if node.op == "call_method":
-        return node.target.endswith("_") and not node.target.endswith("__")
-    if node.op != "call_function":
-        return False
-    if node.target in _INPLACE_OPERATORS:
-        return True
-    name = getattr(node.target, "__name__", "")
-    if name.endswith("_") and not name.endswith("__"):
-        return True  # torch.relu_, torch.add_ ...
-    arguments = bound_arguments(node)
-    return (arguments if arguments is not None else node.kwargs).get("inplace") is True
 
 
 def _data_dependent(graph: fx.Graph) -> set[fx.Node]:
@@ -186,14 +163,14 @@ def _protect_inputs(head: fx.GraphModule, root: nn.Module) -> None:
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     first_op = next(n for n in graph.nodes if n.op != "placeholder")
     for ph in placeholders:
-        if any(u.args and u.args[0] is ph and _mutates_first_arg(u, root) for u in ph.users):
+        if any(u.args and u.args[0] is ph and mutates_first_arg(u, root) for u in ph.users):
             with graph.inserting_before(first_op):
                 copy = graph.call_method("clone", (ph,))
             ph.replace_all_uses_with(copy, delete_user_cb=lambda user: user is not copy)
     head.recompile()
 
 
-def _expand_held(held: tuple[Any, ...], n: int) -> tuple[Any, ...]:
+def expand_held(held: tuple[Any, ...], n: int) -> tuple[Any, ...]:
     """Repeat batched held tensors (batch B) to the head's batch N = B*M, image-major."""
     out = []
     for h in held:
@@ -228,7 +205,7 @@ class _GraphHead(nn.Module):
     def forward(self, activation: Tensor, *held: Any) -> Any:
         if len(held) != self.n_held:
             raise TypeError(f"head expects the activation and {self.n_held} held values, got {len(held)}")
-        return self.graph_module(activation, *_expand_held(held, activation.shape[0]))
+        return self.graph_module(activation, *expand_held(held, activation.shape[0]))
 
 
 class _NotTraceable(Exception):
@@ -301,7 +278,7 @@ class _HookHead(nn.Module):
         self.model, self.target = model, target
 
     def forward(self, activation: Tensor, x: Tensor) -> Any:
-        (x,) = _expand_held((x,), activation.shape[0])
+        (x,) = expand_held((x,), activation.shape[0])
         calls = []
 
         def replace(module, inputs, output):

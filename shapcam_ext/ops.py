@@ -1,7 +1,13 @@
 """Typed Python API of the compiled ops, their fake kernels and autograd.
 
-Both ops live in the ``shapcam`` namespace (schemas in csrc/shapcam.cpp). When the compiled
-library is absent, the same functions run the pure-PyTorch references.
+The ops live in the ``shapcam`` namespace (schemas in csrc/shapcam.cpp); the wrappers take their
+arguments in schema order. When the compiled library is absent, the same functions run the
+pure-PyTorch references.
+
+Bad permutations and class indices raise ValueError on the CPU and with the reference. The
+CUDA kernels never read device data back to the host (so they can run inside CUDA graphs):
+they check those values with device-side asserts, which end the CUDA context. The engine's
+permutations are argsorts of random numbers (shapcam_ext.sampling), permutations by construction.
 """
 from __future__ import annotations
 
@@ -122,7 +128,7 @@ def masked_prefixes(
 
     Raises:
         ValueError / RuntimeError naming the argument for wrong ranks, dtypes, devices,
-        non-permutations and out-of-range bounds.
+        non-permutations and out-of-range bounds (non-permutations: a device-side assert on CUDA).
     """
     if baseline is None:
         baseline = activations.new_zeros(())
@@ -159,10 +165,10 @@ def scatter_marginals_(values: torch.Tensor, perms: torch.Tensor, phi: torch.Ten
         phi, phi_sq: (n,) or (B, n) float32/float64 accumulators, modified in place.
         unit_size: permutations per unit; divides K.
     """
-    _check_unit_size(unit_size, perms.shape[0])
-    if COMPILED and unit_size == 1:
-        torch.ops.shapcam.scatter_marginals_(values, perms, phi, phi_sq)
+    if COMPILED:
+        torch.ops.shapcam.scatter_marginals_(values, perms, phi, phi_sq, unit_size)
         return
+    _check_unit_size(unit_size, perms.shape[0])
     check_scatter_marginals_args(values, perms, phi, phi_sq)
     _check_is_permutation(perms)
     reference.scatter_marginals_(values, perms, phi, phi_sq, unit_size)
@@ -199,9 +205,9 @@ def linear_walk_(
     deltas: torch.Tensor,
     perms: torch.Tensor,
     classes: torch.Tensor,
+    softmax: bool,
     phi: torch.Tensor,
     phi_sq: torch.Tensor,
-    softmax: bool = True,
     unit_size: int = 1,
 ) -> None:
     """Shapley sampling for heads whose logits are additive in the players, in place.
@@ -210,21 +216,23 @@ def linear_walk_(
     each permutation the running logits are updated one position at a time and the worth (the
     softmax probability of ``classes[b]``, or its logit when ``softmax=False``) is differenced
     into ``phi`` / ``phi_sq`` exactly as :func:`scatter_marginals_` would; the (K, n+1, M)
-    logits are never materialised by the compiled kernels. The CPU kernel walks in the inputs'
-    precision (float for float32/half/bfloat16 logits, double for float64) while ``phi`` /
-    ``phi_sq`` accumulate in their own dtype; the CUDA kernel walks in ``phi``'s dtype.
+    logits are never materialised by the compiled kernels. Both devices walk the logits in the
+    inputs' opmath type (float for float32/float16/bfloat16, double for float64; the error
+    analysis is in csrc/shapcam_math.h) and accumulate ``phi`` / ``phi_sq`` in their own dtype.
 
     Args:
         start_logits: (B, M) logits of the empty coalition.
         deltas: (B, n, M) change of the logits when position p joins.
         perms: (K, n) int64 permutations.
-        classes: (B,) int64 class scored per image.
-        phi, phi_sq: (B, n) float32/float64 accumulators.
+        classes: (B,) int64 class scored per image, in [0, M).
+        softmax: score the softmax probability (True) or the logit (False).
+        phi, phi_sq: (B, n) float32/float64 accumulators, as for :func:`scatter_marginals_`.
+        unit_size: permutations per unit; divides K.
     """
-    _check_unit_size(unit_size, perms.shape[0])
-    if COMPILED and unit_size == 1:
-        torch.ops.shapcam.linear_walk_(start_logits, deltas, perms, classes, softmax, phi, phi_sq)
+    if COMPILED:
+        torch.ops.shapcam.linear_walk_(start_logits, deltas, perms, classes, softmax, phi, phi_sq, unit_size)
         return
+    _check_unit_size(unit_size, perms.shape[0])
     check_linear_walk_args(start_logits, deltas, perms, classes, phi, phi_sq)
     _check_is_permutation(perms)
     _check_classes_in_range(classes, start_logits.shape[1])
@@ -252,12 +260,14 @@ if COMPILED:
         )
 
     @torch.library.register_fake("shapcam::scatter_marginals_")
-    def _scatter_marginals_fake(values, perms, phi, phi_sq):
+    def _scatter_marginals_fake(values, perms, phi, phi_sq, unit_size=1):
         check_scatter_marginals_args(values, perms, phi, phi_sq)
+        _check_unit_size(unit_size, perms.shape[0])
 
     @torch.library.register_fake("shapcam::linear_walk_")
-    def _linear_walk_fake(start_logits, deltas, perms, classes, softmax, phi, phi_sq):
+    def _linear_walk_fake(start_logits, deltas, perms, classes, softmax, phi, phi_sq, unit_size=1):
         check_linear_walk_args(start_logits, deltas, perms, classes, phi, phi_sq)
+        _check_unit_size(unit_size, perms.shape[0])
 
     def _masked_prefixes_setup(ctx, inputs, output):
         activations, baseline, perms, perm_start, perm_end, prefix_start, prefix_end = inputs

@@ -63,6 +63,27 @@ def scatter_marginals_(
     phi_sq.add_(units.square().sum(-2))
 
 
+def walk_values(
+    start_logits: torch.Tensor,
+    deltas: torch.Tensor,
+    perms: torch.Tensor,
+    classes: torch.Tensor,
+    softmax: bool,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """(B, K, n+1) worth of every prefix of every permutation, the logits walked in ``dtype``.
+
+    The logits of coalition S are ``start_logits[b] + sum(deltas[b, p] for p in S)``; the worth
+    is the softmax probability (``softmax=True``) or the logit of ``classes[b]``.
+    """
+    steps = deltas.to(dtype)[:, perms]  # (B, K, n, M): the delta added at each step
+    logits = torch.cat([torch.zeros_like(steps[:, :, :1]), steps.cumsum(2)], dim=2)
+    logits = logits + start_logits.to(dtype)[:, None, None, :]
+    scores = logits.softmax(-1) if softmax else logits
+    index = classes.view(-1, 1, 1, 1).expand(*logits.shape[:3], 1)
+    return scores.gather(-1, index).squeeze(-1)
+
+
 def linear_walk_(
     start_logits: torch.Tensor,
     deltas: torch.Tensor,
@@ -75,18 +96,11 @@ def linear_walk_(
 ) -> None:
     """Shapley sampling for a head whose logits are additive in the players.
 
-    The logits of coalition S are ``start_logits[b] + sum(deltas[b, p] for p in S)``; the worth
-    is the softmax probability (``softmax=True``) or the logit of ``classes[b]``. Walks every
-    permutation with running logits and accumulates like :func:`scatter_marginals_`.
+    Walks every permutation with running logits in phi's dtype (:func:`walk_values`) and
+    accumulates like :func:`scatter_marginals_`.
 
     start_logits: (B, M); deltas: (B, n, M); perms: (K, n); classes: (B,) int64;
     phi, phi_sq: (B, n) float32/float64.
     """
-    acc = phi.dtype
-    steps = deltas.to(acc)[:, perms]  # (B, K, n, M): the delta added at each step
-    logits = torch.cat([torch.zeros_like(steps[:, :, :1]), steps.cumsum(2)], dim=2)
-    logits = logits + start_logits.to(acc)[:, None, None, :]
-    scores = logits.softmax(-1) if softmax else logits
-    index = classes.view(-1, 1, 1, 1).expand(*logits.shape[:3], 1)
-    values = scores.gather(-1, index).squeeze(-1)  # (B, K, n+1)
+    values = walk_values(start_logits, deltas, perms, classes, softmax, phi.dtype)
     scatter_marginals_(values, perms, phi, phi_sq, unit_size)

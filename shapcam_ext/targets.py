@@ -116,6 +116,7 @@ class Scorer:
 
     def __init__(self) -> None:
         self._loop_only: set[int] = set()
+        self._class_index: dict = {}  # made once per classes and device: no host-to-device copy per chunk
 
     def __call__(self, targets: Sequence[Target], outputs: Any, rows_per_image: int) -> torch.Tensor:
         """(B, M) scores of model outputs for B*M rows, image-major, with one target per image.
@@ -126,7 +127,10 @@ class Scorer:
         classes = class_targets(targets)
         if classes is not None and isinstance(outputs, torch.Tensor) and outputs.dim() == 2:
             scores = outputs.softmax(-1) if classes[0].softmax else outputs
-            index = torch.tensor([t.category for t in classes], device=outputs.device)
+            key = (tuple(t.category for t in classes), outputs.device)
+            if key not in self._class_index:
+                self._class_index[key] = torch.tensor(key[0], device=outputs.device)
+            index = self._class_index[key]
             return scores.view(len(classes), rows_per_image, -1).gather(
                 -1, index.view(-1, 1, 1).expand(-1, rows_per_image, 1)).squeeze(-1)
         rows = output_rows(outputs)

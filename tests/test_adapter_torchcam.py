@@ -22,8 +22,9 @@ SETTINGS = dict(n_permutations=24, seed=3)
 @pytest.fixture(scope="module")
 def lite0_photos():
     """The real EfficientNet-Lite0 and four real photos at its 224x224 input."""
-    from shapcam_ext.images import bundled_photos, load_image, preprocess
-    from shapcam_ext.models import load_model
+    from shapcam_ext.cli.images import bundled_photos, load_image
+    from shapcam_ext.cli.models import load_model
+    from shapcam_ext.cli.preprocessing import preprocess
 
     model, cfg = load_model("tf_efficientnet_lite0")
     photos = bundled_photos()
@@ -224,7 +225,7 @@ def test_deletion_insertion_metric_on_the_real_model(lite0_photos):
 
 
 def test_overlay_mask_on_a_real_photo(lite0_photos):
-    from shapcam_ext.images import bundled_photos, load_image
+    from shapcam_ext.cli.images import bundled_photos, load_image
 
     model, x = lite0_photos
     with ShapCAM(model, "bn2", n_permutations=64) as extractor:

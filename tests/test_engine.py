@@ -7,6 +7,7 @@ from torch import nn
 from shapcam_ext import ShapCAM
 from shapcam_ext import engine
 from shapcam_ext.engine import BatchError
+import numerics
 from exact import exact_shapley
 from shapcam_ext.targets import ClassifierOutputSoftmaxTarget, ClassifierOutputTarget
 
@@ -38,6 +39,12 @@ def masked_worth(model, x, category, softmax=True, baseline=0.0):
     return worth
 
 
+def tiny_value_error(scale, model, target="softmax"):
+    """How far tiny_model's head (a 2x2 conv over the channels, tanh, Linear) may put a worth
+    from exact in float32, for the logits ``scale`` recorded."""
+    return scale.value_error(numerics.head_sums(model[2:], positions=0), target)
+
+
 def explain(model, x, **kw):
     targets = kw.pop("targets", None)
     with ShapCAM(model, [model[1]], **kw) as cam:
@@ -56,18 +63,25 @@ def model_and_input():
 def test_exact_mode_matches_enumeration(model_and_input, softmax):
     model, x = model_and_input
     target = ClassifierOutputSoftmaxTarget(2) if softmax else ClassifierOutputTarget(2)
-    result = explain(model, x, exact=True, targets=[target])[0]
-    expected = exact_shapley(masked_worth(model, x, 2, softmax), 6)
-    torch.testing.assert_close(result.shapley.flatten(), expected, atol=1e-6, rtol=1e-5)
+    with numerics.LogitScale(numerics.final_linear(model)) as scale:
+        result = explain(model, x, exact=True, targets=[target])[0]
+        expected = exact_shapley(masked_worth(model, x, 2, softmax), 6)
+    # Both exact, each within map_error of the exact values.
+    value_error = tiny_value_error(scale, model, "softmax" if softmax else "logit")
+    numerics.assert_within(result.shapley.flatten(), expected, 2 * numerics.map_error(value_error),
+                           "exact mode against enumeration")
 
 
 def test_sampling_converges_to_exact(model_and_input):
     model, x = model_and_input
-    expected = exact_shapley(masked_worth(model, x, 1), 6)
-    result = explain(model, x, n_permutations=4000, targets=[ClassifierOutputSoftmaxTarget(1)])[0]
+    with numerics.LogitScale(numerics.final_linear(model)) as scale:
+        expected = exact_shapley(masked_worth(model, x, 1), 6)
+        result = explain(model, x, n_permutations=4000, targets=[ClassifierOutputSoftmaxTarget(1)])[0]
     error = (result.shapley.flatten() - expected).abs()
-    # Within 5 standard errors everywhere, and the standard errors are small.
-    assert (error <= 5 * result.std_error.flatten() + 1e-9).all(), (error, result.std_error)
+    # Within 5 standard errors everywhere (plus both computations' rounding), and the standard
+    # errors are small.
+    rounding = 2 * numerics.map_error(tiny_value_error(scale, model))
+    assert (error <= 5 * result.std_error.flatten() + rounding).all(), (error, result.std_error)
     assert result.max_std_error < 0.05 * expected.abs().max()
 
 
@@ -76,9 +90,13 @@ def test_efficiency_holds_for_every_image(antithetic):
     model = tiny_model(1)
     x = torch.randn(3, 3, 4, 4)
     model(x)
-    for r in explain(model, x, n_permutations=7, antithetic=antithetic):
-        assert r.efficiency_gap < 1e-6
-        assert abs(r.shapley.sum() - (r.value_full - r.value_empty)) < 1e-6
+    with numerics.LogitScale(numerics.final_linear(model)) as scale:
+        results = explain(model, x, n_permutations=7, antithetic=antithetic)
+    # Softmax worths: at most 1.
+    gap = numerics.efficiency_gap(tiny_value_error(scale, model), k=7, n=16)
+    for r in results:
+        assert r.efficiency_gap <= gap
+        assert abs(r.shapley.sum() - (r.value_full - r.value_empty)) <= gap
 
 
 def test_null_player_gets_zero_and_symmetric_players_equal():
@@ -90,8 +108,12 @@ def test_null_player_gets_zero_and_symmetric_players_equal():
     x[..., 1, 2] = x[..., 0, 1]  # symmetric pair
     result = ShapCAM(model, [model[0]], n_permutations=64).explain(x)[0]
     assert result.shapley[0, 0] == 0.0
-    exact = ShapCAM(model, [model[0]], exact=True).explain(x)[0]
-    torch.testing.assert_close(exact.shapley[1, 2], exact.shapley[0, 1], atol=1e-9, rtol=0)
+    with numerics.LogitScale(numerics.final_linear(model)) as scale:
+        exact = ShapCAM(model, [model[0]], exact=True).explain(x)[0]
+    # Equal exact values; each computed within map_error of it (the pool sums in another order).
+    value_error = scale.value_error(numerics.head_sums(head, positions=6))
+    numerics.assert_within(exact.shapley[1, 2], exact.shapley[0, 1], 2 * numerics.map_error(value_error),
+                           "two symmetric players")
 
 
 def test_seed_makes_maps_bit_identical(model_and_input):
@@ -107,12 +129,15 @@ def test_chunking_and_batching_do_not_change_values():
     model = tiny_model(2)
     x = torch.randn(3, 3, 3, 3)
     model(x)
-    whole = explain(model, x, n_permutations=10)
-    chunked = explain(model, x, n_permutations=10, batch_size=4)  # prefix ranges inside permutations
-    single = [explain(model, x[i:i + 1], n_permutations=10)[0] for i in range(3)]
+    with numerics.LogitScale(numerics.final_linear(model)) as scale:
+        whole = explain(model, x, n_permutations=10)
+        chunked = explain(model, x, n_permutations=10, batch_size=4)  # prefix ranges inside permutations
+        single = [explain(model, x[i:i + 1], n_permutations=10)[0] for i in range(3)]
+    # The same estimates with the head run on other batches: other GEMM shapes, other roundings.
+    bound = 2 * numerics.map_error(tiny_value_error(scale, model))
     for w, c, s in zip(whole, chunked, single):
-        torch.testing.assert_close(w.shapley, c.shapley, atol=1e-7, rtol=1e-6)
-        torch.testing.assert_close(w.shapley, s.shapley, atol=1e-7, rtol=1e-6)
+        numerics.assert_within(w.shapley, c.shapley, bound, "chunked against whole")
+        numerics.assert_within(w.shapley, s.shapley, bound, "one image against the batch")
 
 
 def test_tolerance_stops_early(model_and_input):
@@ -126,12 +151,14 @@ def test_grouped_players_match_grouped_enumeration():
     model = tiny_model(3)
     x = torch.randn(1, 3, 4, 4)
     model(x)
-    result = explain(model, x, exact=True, group_size=2, targets=[ClassifierOutputSoftmaxTarget(0)])[0]
     cells = torch.arange(16).view(4, 4)
     group_of = ((cells // 4) // 2) * 2 + (cells % 4) // 2  # 2x2 cells -> 4 players
     base = masked_worth(model, x, 0)
-    expected = exact_shapley(lambda groups: base(groups[:, group_of.flatten()]), 4)
-    torch.testing.assert_close(result.shapley.flatten(), expected, atol=1e-6, rtol=1e-5)
+    with numerics.LogitScale(numerics.final_linear(model)) as scale:
+        result = explain(model, x, exact=True, group_size=2, targets=[ClassifierOutputSoftmaxTarget(0)])[0]
+        expected = exact_shapley(lambda groups: base(groups[:, group_of.flatten()]), 4)
+    numerics.assert_within(result.shapley.flatten(), expected, 2 * numerics.map_error(tiny_value_error(scale, model)),
+                           "grouped exact mode against enumeration")
     assert result.feature_map.shape == (4, 4)
 
 
@@ -158,8 +185,6 @@ def tokens_to_grid(tokens):
 def test_tokens_are_players_through_reshape_transform():
     model = TokenModel().eval()
     x = torch.randn(1, 5, 3)
-    result = ShapCAM(model, [model.block], reshape_transform=tokens_to_grid, exact=True).explain(
-        x, [ClassifierOutputSoftmaxTarget(1)])[0]
     tokens = model.embed(x)
 
     def worth(members):
@@ -167,7 +192,15 @@ def test_tokens_are_players_through_reshape_transform():
         t = torch.where(keep, tokens, 0.0)
         return model.out(torch.tanh(model.mix(t)).mean(1) + t[:, 0]).softmax(-1)[:, 1]
 
-    torch.testing.assert_close(result.shapley.flatten(), exact_shapley(worth, 4), atol=1e-6, rtol=1e-5)
+    with numerics.LogitScale(model.out) as scale:
+        result = ShapCAM(model, [model.block], reshape_transform=tokens_to_grid, exact=True).explain(
+            x, [ClassifierOutputSoftmaxTarget(1)])[0]
+        expected = exact_shapley(worth, 4)
+    # The head: mix (a Linear), tanh, the mean over 5 tokens plus the class token, out (a Linear).
+    value_error = scale.value_error([model.mix.in_features + 1, numerics.EXP_ROUNDINGS, 5 + 1,
+                                     model.out.in_features + 1])
+    numerics.assert_within(result.shapley.flatten(), expected, 2 * numerics.map_error(value_error),
+                           "token players against enumeration")
 
 
 def test_cam_call_matches_gradcam_postprocessing(model_and_input):
@@ -178,10 +211,14 @@ def test_cam_call_matches_gradcam_postprocessing(model_and_input):
     cam = ShapCAM(model, [model[1]], n_permutations=16)
     maps = cam(input_tensor=x, targets=None)
     results = cam.explain(x)
-    per_layer = gradcam_scale(np.maximum(torch.stack([r.shapley for r in results]).numpy(), 0), (3, 2))
+    raw = torch.stack([r.shapley for r in results])
+    per_layer = gradcam_scale(np.maximum(raw.numpy(), 0), (3, 2))
     expected = gradcam_scale(np.maximum(per_layer[:, None], 0).mean(1))
     assert maps.dtype == np.float32 and maps.shape == (2, 2, 3)
-    np.testing.assert_allclose(maps, expected, atol=1e-5)
+    # The same raw maps (same seed), post-processed by two implementations: per layer, then the
+    # layers' mean again.
+    bound = numerics.rescaled_error(numerics.rescaled_error(0.0, raw), torch.from_numpy(per_layer))
+    numerics.assert_within(maps, expected, bound, "ShapCAM.__call__ against pytorch-grad-cam's post-processing")
     # targets=None explains each image's top class with its softmax probability.
     assert [r.target.category for r in results] == cam.outputs.argmax(-1).tolist()
     assert all(r.target.softmax for r in results)
@@ -193,7 +230,8 @@ def test_resize_matches_opencv():
     from shapcam_ext.postprocess import scale_cam_image
 
     cams = torch.rand(2, 7, 7, dtype=torch.float64).float()
-    np.testing.assert_allclose(scale_cam_image(cams, (224, 224)), gradcam_scale(cams.numpy(), (224, 224)), atol=1e-5)
+    numerics.assert_within(scale_cam_image(cams, (224, 224)), gradcam_scale(cams.numpy(), (224, 224)),
+                           numerics.rescaled_error(0.0, cams), "our post-processing against OpenCV's")
 
 
 def test_bad_settings_raise_clear_errors(model_and_input):

@@ -35,6 +35,18 @@ inline void check_permutations_cpu(const at::Tensor& perms) {
   TORCH_CHECK_VALUE(valid, kNotPermutation);
 }
 
+// Raises ValueError unless every class index lies in [0, num_classes).
+inline void check_classes_in_range_cpu(const at::Tensor& classes, int64_t num_classes) {
+  const at::Tensor index = classes.contiguous();
+  const int64_t* c = index.const_data_ptr<int64_t>();
+  // Unsigned: negative values fail the range test too.
+  const bool inside = std::all_of(c, c + index.numel(), [&](int64_t value) {
+    return static_cast<uint64_t>(value) < static_cast<uint64_t>(num_classes);
+  });
+  TORCH_CHECK_VALUE(inside, "classes must lie in [0, M) = [0, ", num_classes,
+                    "), the columns of start_logits");
+}
+
 // ranks[k, p] = the step at which permutation k adds position p; perms must be checked.
 inline at::Tensor permutation_ranks_cpu(const at::Tensor& perms) {
   const int64_t n = perms.size(1);
@@ -51,12 +63,13 @@ inline at::Tensor permutation_ranks_cpu(const at::Tensor& perms) {
   return ranks;
 }
 
-// Adds sum_k d and sum_k d^2 to phi[b, p] and phi_sq[b, p], where d is the marginal of position p
-// along permutation k: values[b, k, t+1] - values[b, k, t] for p = perms[k, t]. values is
-// (B, K, n+1) and phi, phi_sq are (B, n), all with any strides. Checks perms as it goes and
-// raises (leaving phi untouched) like check_permutations_cpu. The sums run over fixed blocks of
-// permutations in order, so they do not depend on the thread count: deterministic.
+// Adds sum_k d to phi[b, p] and the square of each unit's sum of d to phi_sq[b, p], where d is
+// the marginal of position p along permutation k: values[b, k, t+1] - values[b, k, t] for
+// p = perms[k, t], and a unit is unit_size consecutive permutations. values is (B, K, n+1) and
+// phi, phi_sq are (B, n), all with any strides. Checks perms as it goes and raises (leaving phi
+// untouched) like check_permutations_cpu. The sums run over fixed blocks of units in order, so
+// they do not depend on the thread count: deterministic.
 void accumulate_marginals_cpu(const at::Tensor& values, const at::Tensor& perms, at::Tensor& phi,
-                              at::Tensor& phi_sq);
+                              at::Tensor& phi_sq, int64_t unit_size);
 
 }  // namespace shapcam

@@ -10,9 +10,11 @@ namespace {
 at::Tensor masked_prefixes_cpu(const at::Tensor& activations, const at::Tensor& baseline,
                                const at::Tensor& perms, int64_t perm_start, int64_t perm_end,
                                int64_t prefix_start, int64_t prefix_end) {
-  const MaskedPrefixesPlan plan = plan_masked_prefixes(activations, baseline, perms, perm_start,
-                                                       perm_end, prefix_start, prefix_end);
+  check_masked_prefixes_args(activations, baseline, perms, perm_start, perm_end, prefix_start,
+                             prefix_end);
   check_permutations_cpu(perms);
+  const MaskedPrefixesPlan plan =
+      plan_masked_prefixes(activations, baseline, perm_start, perm_end, prefix_start, prefix_end);
   const at::Tensor ranks = permutation_ranks_cpu(perms);
   if (plan.out.numel() == 0) return plan.out;
 
@@ -26,20 +28,18 @@ at::Tensor masked_prefixes_cpu(const at::Tensor& activations, const at::Tensor& 
   at::parallel_for(
       0, rows, std::max<int64_t>(1, (1 << 16) / (n * run)), [&](int64_t begin, int64_t end) {
         for (int64_t r = begin; r < end; ++r) {
-          const int64_t t = plan.prefix_start + r % plan.num_prefixes;
-          const int64_t k = plan.perm_start + r / plan.num_prefixes % plan.num_perms;
-          const int64_t b = r / plan.num_prefixes / plan.num_perms;
-          const int64_t* rank_k = rank + k * n;
-          const char* kept = acts + b * n * run;
-          const char* removed = base + b * n * run;
+          const PrefixRow<int64_t> row = decode_prefix_row(r, plan.grid);
+          const int64_t* rank_k = rank + row.k * n;
+          const char* in = acts + row.b * n * run;
+          const char* out_of = base + row.b * n * run;
           char* dst = out + r * n * run;
           // Positions with the same source are adjacent in both source and output: copy each
           // stretch in one call.
           for (int64_t p = 0; p < n;) {
-            const bool keep = rank_k[p] < t;
+            const bool keep = kept(rank_k[p], row.t);
             int64_t q = p + 1;
-            while (q < n && (rank_k[q] < t) == keep) ++q;
-            std::memcpy(dst + p * run, (keep ? kept : removed) + p * run, (q - p) * run);
+            while (q < n && kept(rank_k[q], row.t) == keep) ++q;
+            std::memcpy(dst + p * run, (keep ? in : out_of) + p * run, (q - p) * run);
             p = q;
           }
         }

@@ -14,14 +14,12 @@ namespace {
 template <typename word_t, typename index_t>
 __global__ void masked_prefixes_kernel(const word_t* acts, const word_t* base, const int64_t* rank,
                                        word_t* out, index_t total, index_t map_words,
-                                       index_t run_words, index_t n, index_t perm_start,
-                                       index_t num_perms, index_t prefix_start,
-                                       index_t num_prefixes) {
+                                       index_t run_words, index_t n, PrefixGrid<index_t> grid) {
   for (index_t i = grid_start<index_t>(); i < total; i += grid_stride<index_t>()) {
     const index_t r = i / map_words, j = i - r * map_words, p = j / run_words;
-    const index_t t = prefix_start + r % num_prefixes, bk = r / num_prefixes;
-    const index_t k = perm_start + bk % num_perms, b = bk / num_perms;
-    out[i] = (rank[k * n + p] < t ? acts : base)[b * map_words + j];
+    const PrefixRow<index_t> row = decode_prefix_row(r, grid);
+    const bool keep = kept(static_cast<index_t>(rank[row.k * n + p]), row.t);
+    out[i] = (keep ? acts : base)[row.b * map_words + j];
   }
 }
 
@@ -33,11 +31,16 @@ void launch(const MaskedPrefixesPlan& plan, const at::Tensor& ranks, int64_t run
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const auto run = [&](auto index) {
     using index_t = decltype(index);
+    const PrefixGrid<index_t> grid{static_cast<index_t>(plan.grid.perm_start),
+                                   static_cast<index_t>(plan.grid.num_perms),
+                                   static_cast<index_t>(plan.grid.prefix_start),
+                                   static_cast<index_t>(plan.grid.num_prefixes)};
     masked_prefixes_kernel<word_t, index_t><<<blocks, kThreads, 0, stream>>>(
         static_cast<const word_t*>(plan.acts.const_data_ptr()),
         static_cast<const word_t*>(plan.base.const_data_ptr()), ranks.const_data_ptr<int64_t>(),
-        static_cast<word_t*>(plan.out.data_ptr()), total, map_words, run_words, plan.n,
-        plan.perm_start, plan.num_perms, plan.prefix_start, plan.num_prefixes);
+        static_cast<word_t*>(plan.out.data_ptr()), static_cast<index_t>(total),
+        static_cast<index_t>(map_words), static_cast<index_t>(run_words),
+        static_cast<index_t>(plan.n), grid);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
   // 32-bit index math is much cheaper on the GPU: use it when no index (nor the loop's last
@@ -53,10 +56,12 @@ void launch(const MaskedPrefixesPlan& plan, const at::Tensor& ranks, int64_t run
 at::Tensor masked_prefixes_cuda(const at::Tensor& activations, const at::Tensor& baseline,
                                 const at::Tensor& perms, int64_t perm_start, int64_t perm_end,
                                 int64_t prefix_start, int64_t prefix_end) {
-  const MaskedPrefixesPlan plan = plan_masked_prefixes(activations, baseline, perms, perm_start,
-                                                       perm_end, prefix_start, prefix_end);
-  const c10::cuda::CUDAGuard guard(plan.out.device());
-  const at::Tensor ranks = permutation_ranks_cuda(perms);
+  check_masked_prefixes_args(activations, baseline, perms, perm_start, perm_end, prefix_start,
+                             prefix_end);
+  const c10::cuda::CUDAGuard guard(activations.device());
+  const at::Tensor ranks = permutation_ranks_cuda(perms);  // validates perms on the device
+  const MaskedPrefixesPlan plan =
+      plan_masked_prefixes(activations, baseline, perm_start, perm_end, prefix_start, prefix_end);
   if (plan.out.numel() == 0) return plan.out;
 
   // The copy is dtype-agnostic: move the widest word that divides a run of C values and

@@ -4,7 +4,9 @@ A head qualifies when it reads the activation only through, in this order:
 
 * the body: position-wise ops, whose output at a position depends only on the input at that
   position (elementwise ops, also with held or constant tensors; 1x1 convolutions; eval-mode
-  batch norm; layer norm and Linear over the channels of an NHWC permute);
+  batch norm; layer norm and Linear over the channels of an NHWC permute); before a global
+  average pool, also convolutions that mix a bounded neighbourhood (k x k, strided, grouped,
+  zero-padded), which the incremental walks of :mod:`shapcam_ext.fastpath.incremental` follow;
 * one pool: a global average pool, or a non-overlapping local max/avg pool of at most 4 cells;
 * the front: a chain of flatten, eval-mode dropout, identity, at most one Linear and, after a
   local pool, one adaptive average pool (a fixed linear map);
@@ -18,7 +20,7 @@ from __future__ import annotations
 import operator
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Mapping, Optional
 
 import torch
 import torch.fx as fx
@@ -29,6 +31,7 @@ from shapcam_ext.fxutils import bound_arguments, descendants, extract
 from shapcam_ext.head import SplitModel
 
 NCHW, NHWC = "nchw", "nhwc"
+LOCAL = "local"  # the rule of a convolution that mixes neighbouring positions (NCHW in and out)
 MAX_WINDOW = 4  # cells of a local-pool window: the walk tabulates all 2**cells window states
 
 _TO_NHWC, _TO_NCHW = (0, 2, 3, 1), (0, 3, 1, 2)
@@ -36,6 +39,19 @@ _TO_NHWC, _TO_NCHW = (0, 2, 3, 1), (0, 3, 1, 2)
 
 class NotProven(Exception):
     """Why a head does not match a fast pattern."""
+
+
+@dataclass(frozen=True)
+class LocalBody:
+    """A body that mixes neighbouring positions before a global average pool.
+
+    convs: names of the body's nodes that are spatial convolutions (k x k or strided; their
+        geometry is read from the modules when a walk is planned).
+    layouts: NCHW or NHWC, the layout of every activation-dependent node of the body, by name.
+    """
+
+    convs: frozenset[str]
+    layouts: Mapping[str, str]
 
 
 @dataclass(frozen=True)
@@ -51,6 +67,7 @@ class HeadPattern:
     local_pool: the MaxPool2d / AvgPool2d module (pool == "local").
     window: (kh, kw) of the local pool's windows.
     adaptive: the adaptive average pool between the local pool and flatten, or None.
+    local: the body's spatial convolutions when it mixes positions (pool == "global"), else None.
     """
 
     pool: str
@@ -61,6 +78,7 @@ class HeadPattern:
     local_pool: Optional[nn.Module] = None
     window: tuple[int, int] = (1, 1)
     adaptive: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+    local: Optional[LocalBody] = None
 
 
 def prove(split: SplitModel) -> tuple[Optional[HeadPattern], str]:
@@ -111,6 +129,8 @@ _LAYERNORM_NCHW_MODULES = frozenset((*_optional("torchvision.models.convnext", (
                                      *_optional("timm.layers.norm", ("LayerNorm2d",))))
 _LAYERNORM_NHWC_MODULES = frozenset((nn.LayerNorm, *_optional("timm.layers.norm", ("LayerNorm",))))
 _PERMUTE_MODULES = frozenset(_optional("torchvision.ops.misc", ("Permute",)))
+# timm's convolution with TensorFlow's input-dependent "same" padding (Conv2d semantics otherwise).
+_SAME_CONV_MODULES = frozenset(_optional("timm.layers.conv2d_same", ("Conv2dSame",)))
 _FLATTEN_MODULES = frozenset((nn.Flatten,))
 
 _ELEMENTWISE_FUNCTIONS = _functions(
@@ -146,7 +166,8 @@ def _prove(gm: fx.GraphModule) -> HeadPattern:
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     act = placeholders[0]
     reads_act = descendants(act)  # every node the activation reaches, metadata reads included
-    layouts = {act: NCHW}  # the body: values that are position-wise functions of the activation
+    layouts = {act: NCHW}  # the body: values that are position-wise (or local) functions of the activation
+    convs = set()  # the body's spatial convolutions
     pool = None
     for node in graph.nodes:
         if node not in reads_act or node is act:
@@ -156,7 +177,10 @@ def _prove(gm: fx.GraphModule) -> HeadPattern:
         if _pool_kind(node, gm) is not None:
             pool = node
             break
-        layouts[node] = _body_layout(node, gm, layouts)
+        rule = _rule(node, gm)
+        layouts[node] = _body_layout(node, rule, gm, layouts)
+        if rule == LOCAL:
+            convs.add(node.name)
     if pool is None:
         raise NotProven("the head's output does not depend on the activation")
     pool_input = _single_input(pool, layouts)
@@ -165,9 +189,12 @@ def _prove(gm: fx.GraphModule) -> HeadPattern:
     for value in layouts:
         for user in value.users:
             if user not in layouts and user is not pool:
-                raise NotProven(f"{user.name} reads {value.name}, a value before the pool, after it")
+                raise NotProven(f"{user.name} reads {value.name}, a value before the pool {pool.name}, after it "
+                                "(a global op such as squeeze-and-excitation mixes every position)")
 
     kind = _pool_kind(pool, gm)
+    if convs and kind != "global":
+        raise NotProven(f"{pool.name} is a local pool after spatial convolutions ({', '.join(sorted(convs))})")
     end, linear, adaptive = _front_chain(pool, kind, gm)
     if kind == "local" and linear is None:
         raise NotProven(f"{pool.name} (a local pool) is not followed by flatten and a Linear layer")
@@ -184,6 +211,7 @@ def _prove(gm: fx.GraphModule) -> HeadPattern:
         pool=kind, body=extract(gm, graph, placeholders, pool_input),
         front=extract(gm, graph, [pool_input], end), tail=tail, linear=linear,
         local_pool=local, window=_pair(local.kernel_size) if local is not None else (1, 1), adaptive=adaptive,
+        local=LocalBody(frozenset(convs), {node.name: layout for node, layout in layouts.items()}) if convs else None,
     )
 
 
@@ -239,12 +267,12 @@ def _is_identity(node: fx.Node, gm: fx.GraphModule) -> bool:
 # ------------------------------------------------------------------------------------ body
 
 
-def _body_layout(node: fx.Node, gm: fx.GraphModule, layouts: dict) -> str:
-    """The layout of ``node``'s value when it is position-wise in the activation; else NotProven.
+def _body_layout(node: fx.Node, rule, gm: fx.GraphModule, layouts: dict) -> str:
+    """The layout of ``node``'s value when it is position-wise (or a spatial convolution) in the
+    activation; else NotProven. ``rule`` is ``_rule(node, gm)``.
 
     Every activation-dependent input of ``node`` is already in ``layouts`` (graph order).
     """
-    rule = _rule(node, gm)
     if rule is None:
         raise NotProven(f"{_describe(node, gm)} at {node.name} is not a recognised position-wise op")
     if rule == "elementwise":
@@ -253,6 +281,10 @@ def _body_layout(node: fx.Node, gm: fx.GraphModule, layouts: dict) -> str:
             raise NotProven(f"{node.name} combines channels-first and channels-last values")
         return kinds.pop()
     layout = layouts[_single_input(node, layouts)]
+    if rule == LOCAL:
+        if layout != NCHW:
+            raise NotProven(f"{_describe(node, gm)} at {node.name} convolves a {layout} value")
+        return NCHW
     if isinstance(rule, tuple):  # a permute: (from, to)
         if layout != rule[0]:
             raise NotProven(f"{node.name} permutes a {layout} value with {rule[0]} dims")
@@ -264,7 +296,8 @@ def _body_layout(node: fx.Node, gm: fx.GraphModule, layouts: dict) -> str:
 
 def _rule(node: fx.Node, gm: fx.GraphModule):
     """How ``node`` treats positions: "elementwise"; NCHW / NHWC (mixes only that layout's channel
-    dimension); (from, to) for a permute between the two layouts; None if not position-wise."""
+    dimension); (from, to) for a permute between the two layouts; LOCAL for a convolution that
+    mixes a bounded neighbourhood; None otherwise."""
     if _is_identity(node, gm):
         return "elementwise"
     if node.op == "call_module":
@@ -307,9 +340,11 @@ def _module_rule(module: nn.Module):
                 _module_rule(getattr(module, part)) == "elementwise" for part in ("drop", "act")):
             return None
         return NCHW
-    if kind is nn.Conv2d:
-        pointwise = module.kernel_size == (1, 1) and module.stride == (1, 1)
-        return NCHW if pointwise and module.padding in ((0, 0), "valid", "same") else None
+    if kind is nn.Conv2d or kind in _SAME_CONV_MODULES:
+        if module.padding_mode != "zeros":
+            return None  # reflect/replicate/circular padding reads positions across the map
+        pointwise = kind is nn.Conv2d and module.kernel_size == (1, 1) and module.stride == (1, 1)
+        return NCHW if pointwise and module.padding in ((0, 0), "valid", "same") else LOCAL
     if kind is nn.Linear:
         return NHWC
     if kind in _LAYERNORM_NCHW_MODULES and len(module.normalized_shape) == 1:

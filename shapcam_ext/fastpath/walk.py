@@ -23,53 +23,13 @@ import torch.nn.functional as F
 
 from shapcam_ext import ops
 from shapcam_ext.fastpath.pattern import HeadPattern
-from shapcam_ext.memory import MemoryPlanner, cost_per_unit
+from shapcam_ext.fastpath import incremental
+from shapcam_ext.fastpath.running import RunningWalk, TableSteps, Walk, tail_bytes_per_row
+from shapcam_ext.memory import MemoryPlanner
 from shapcam_ext.players import PlayerGrid
 from shapcam_ext.reference import permutation_ranks
 from shapcam_ext.statistics import RunningEstimate
 from shapcam_ext.targets import Scorer, Target, class_targets
-
-
-class RunningWalk:
-    """Worth of every prefix of every permutation from running sums of tabulated changes.
-
-    start: (B, *S) front output of the empty coalition (the tail's input shape is (rows, *S)).
-    table: (B, R, D) changes of the flattened front output, D = prod(S).
-    step_rows: maps (K, n) permutations to the (K, n) table rows of their steps.
-    tail: the rest of the head on (rows, *S) inputs, or None when the front output is the output.
-    n: players. per_permutation: bytes one permutation of the walk allocates (all images).
-    """
-
-    def __init__(self, path: str, start: torch.Tensor, table: torch.Tensor,
-                 step_rows: Callable[[torch.Tensor], torch.Tensor], tail: Optional[Callable],
-                 targets: list[Target], scorer: Scorer, planner: MemoryPlanner, n: int, per_permutation: int):
-        self.path, self.start, self.table, self.step_rows = path, start, table, step_rows
-        self.tail, self.targets, self.scorer = tail, targets, scorer
-        self.planner, self.n, self.per_permutation = planner, n, per_permutation
-
-    @property
-    def coalitions_per_permutation(self) -> int:
-        return self.start.shape[0] * (self.n + 1)
-
-    def permutations_per_round(self, unit: int) -> int:
-        if self.planner.batch_size is not None:  # the user's head evaluations per chunk
-            return max(1, self.planner.batch_size // self.coalitions_per_permutation)
-        return self.planner.units(self.per_permutation * unit, what=f"one unit of the {self.path} walk") * unit
-
-    def __call__(self, perms: torch.Tensor, estimate: RunningEstimate) -> None:
-        ops.scatter_marginals_(self.values(perms), perms, estimate.total, estimate.total_sq, estimate.unit_size)
-
-    def values(self, perms: torch.Tensor) -> torch.Tensor:
-        """(B, K, n+1) worth of every prefix of ``perms``, like the generic path's ``values``."""
-        b, d = self.table.shape[0], self.table.shape[-1]
-        rows = self.step_rows(perms)
-        k, n = rows.shape
-        acc = torch.promote_types(self.table.dtype, torch.float32)
-        start = self.start.reshape(b, 1, 1, d).to(acc)
-        running = torch.cat([start.expand(b, k, 1, d), start + self.table[:, rows].to(acc).cumsum(2)], 2)
-        inputs = running.to(self.table.dtype).reshape((-1,) + tuple(self.start.shape[1:]))
-        out = inputs if self.tail is None else self.tail(inputs)
-        return self.scorer(self.targets, out, k * (n + 1)).view(b, k, n + 1)
 
 
 class LinearWalk(RunningWalk):
@@ -79,14 +39,15 @@ class LinearWalk(RunningWalk):
                  planner: MemoryPlanner):
         classes = class_targets(targets)
         b, n, m = table.shape
-        super().__init__("pooled-linear", start, table, _identity_rows, None, targets, scorer, planner, n,
-                         ops.linear_walk_bytes(b, 1, n, m))
+        super().__init__("pooled-linear", start, TableSteps(table, _identity_rows), None, targets, scorer, planner,
+                         n, ops.linear_walk_bytes(b, 1, n, m))
+        self.table = table
         self.classes = torch.tensor([t.category for t in classes], device=start.device)
         self.softmax = classes[0].softmax
 
     def __call__(self, perms: torch.Tensor, estimate: RunningEstimate) -> None:
-        ops.linear_walk_(self.start, self.table, perms, self.classes, estimate.total, estimate.total_sq,
-                         softmax=self.softmax, unit_size=estimate.unit_size)
+        ops.linear_walk_(self.start, self.table, perms, self.classes, self.softmax, estimate.total,
+                         estimate.total_sq, estimate.unit_size)
 
 
 def _identity_rows(perms: torch.Tensor) -> torch.Tensor:
@@ -94,17 +55,35 @@ def _identity_rows(perms: torch.Tensor) -> torch.Tensor:
 
 
 def prepare(pattern: HeadPattern, head: Callable, grid: PlayerGrid, players: torch.Tensor, held: tuple,
-            targets: list[Target], baseline: torch.Tensor, planner: MemoryPlanner,
-            scorer: Scorer) -> Optional[RunningWalk]:
+            targets: list[Target], baseline: torch.Tensor, planner: MemoryPlanner, scorer: Scorer,
+            permutations: int) -> Optional[Walk]:
     """The walk for these images, or None when the generic path must run.
 
-    None when the players are not the plain positions of a 4-D map (groups, tokens), when a
-    runtime shape does not fit the pattern, when the tables exceed the memory budget, or (with a
-    warning) when the walk disagrees with the head on probe coalitions.
+    ``permutations``: how many the run walks at most; the incremental paths weigh their costs
+    with it. None when the players are not the plain positions of a 4-D map (groups, tokens),
+    when a runtime shape does not fit the pattern, when the tables exceed the memory budget, when
+    the generic path is cheaper, or (with a warning) when the walk fails or disagrees with the
+    head on probe coalitions.
     """
     if grid.group_size != 1 or grid.token_index is not None or players.dim() != 4:
         return None
     base_map = baseline.expand_as(players).contiguous()
+    try:
+        if pattern.local is not None:
+            walk = incremental.prepare(pattern, players, base_map, held, targets, scorer, planner, permutations)
+        else:
+            walk = _pooled_walk(pattern, players, base_map, held, targets, planner, scorer)
+        agrees = walk is not None and _agrees_with_head(walk, head, players, base_map, held, targets, scorer)
+    except Exception as err:  # an op the walk runs on boxes or tables in an unforeseen way: generic must still run
+        warnings.warn(f"shapcam_ext: the fast path failed ({type(err).__name__}: {err}); using the generic path. "
+                      "Please report the model and layer.", RuntimeWarning, stacklevel=3)
+        return None
+    return walk if agrees else None
+
+
+def _pooled_walk(pattern: HeadPattern, players: torch.Tensor, base_map: torch.Tensor, held: tuple,
+                 targets: list[Target], planner: MemoryPlanner, scorer: Scorer) -> Optional[RunningWalk]:
+    """The walk of a position-wise body before a global or local pool, or None if it does not fit."""
     g_keep, g_base = pattern.body(players, *held), pattern.body(base_map, *held)
     start = pattern.front(g_base)
     if g_keep.dim() != 4 or g_keep.shape != g_base.shape or g_keep.shape[-2:] != players.shape[-2:] \
@@ -120,22 +99,11 @@ def prepare(pattern: HeadPattern, head: Callable, grid: PlayerGrid, players: tor
     b = players.shape[0]
     if pattern.pool == "global" and pattern.tail is None and pattern.linear is not None \
             and class_targets(targets) is not None:
-        walk = LinearWalk(start, table, targets, scorer, planner)
-    else:
-        per_row = _tail_bytes_per_row(pattern, start, targets, scorer) + 3 * table.shape[-1] * 4
-        path = "pooled" if pattern.pool == "global" else "local-pool-linear"
-        walk = RunningWalk(path, start, table, step_rows, pattern.tail, targets, scorer, planner, n,
-                           b * (n + 1) * per_row)
-    return walk if _agrees_with_head(walk, head, players, base_map, held, targets, scorer) else None
-
-
-def _tail_bytes_per_row(pattern: HeadPattern, start: torch.Tensor, targets: list[Target], scorer: Scorer) -> int:
-    """Bytes the tail and the target allocate per row."""
-    def run(rows: int) -> Callable[[], object]:
-        x = start[:1].expand((rows,) + tuple(start.shape[1:])).contiguous()
-        return lambda: scorer(targets[:1], x if pattern.tail is None else pattern.tail(x), rows)
-
-    return cost_per_unit(run)[1]
+        return LinearWalk(start, table, targets, scorer, planner)
+    per_row = tail_bytes_per_row(pattern.tail, start, targets, scorer) + 3 * table.shape[-1] * 4
+    path = "pooled" if pattern.pool == "global" else "local-pool-linear"
+    return RunningWalk(path, start, TableSteps(table, step_rows), pattern.tail, targets, scorer, planner, n,
+                       b * (n + 1) * per_row)
 
 
 def _pooled_table(pattern: HeadPattern, g_keep, g_base, start):
@@ -246,7 +214,7 @@ class _WindowSteps:
         return rows.gather(1, perms)
 
 
-def _agrees_with_head(walk: RunningWalk, head: Callable, players, base_map, held, targets, scorer) -> bool:
+def _agrees_with_head(walk: Walk, head: Callable, players, base_map, held, targets, scorer) -> bool:
     """Checks the walk against the head on the empty, a checkerboard and the full coalition."""
     b, c, h, w = players.shape
     cells = torch.arange(h * w, device=players.device)

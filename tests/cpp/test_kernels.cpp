@@ -3,10 +3,16 @@
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
+#include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <functional>
 #include <iostream>
+#include <limits>
 #include <string>
 #include <vector>
+
+#include "../../csrc/shapcam_math.h"
 
 namespace {
 
@@ -35,19 +41,20 @@ at::Tensor masked_prefixes(const at::Tensor& activations, const at::Tensor& base
 }
 
 void scatter_marginals_(const at::Tensor& values, const at::Tensor& perms, at::Tensor& phi,
-                        at::Tensor& phi_sq) {
+                        at::Tensor& phi_sq, int64_t unit_size = 1) {
   static const auto handle =
-      op<void(const at::Tensor&, const at::Tensor&, at::Tensor&, at::Tensor&)>(
+      op<void(const at::Tensor&, const at::Tensor&, at::Tensor&, at::Tensor&, int64_t)>(
           "shapcam::scatter_marginals_");
-  handle.call(values, perms, phi, phi_sq);
+  handle.call(values, perms, phi, phi_sq, unit_size);
 }
 
 void linear_walk_(const at::Tensor& start_logits, const at::Tensor& deltas, const at::Tensor& perms,
-                  const at::Tensor& classes, bool softmax, at::Tensor& phi, at::Tensor& phi_sq) {
+                  const at::Tensor& classes, bool softmax, at::Tensor& phi, at::Tensor& phi_sq,
+                  int64_t unit_size = 1) {
   static const auto handle =
       op<void(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, bool,
-              at::Tensor&, at::Tensor&)>("shapcam::linear_walk_");
-  handle.call(start_logits, deltas, perms, classes, softmax, phi, phi_sq);
+              at::Tensor&, at::Tensor&, int64_t)>("shapcam::linear_walk_");
+  handle.call(start_logits, deltas, perms, classes, softmax, phi, phi_sq, unit_size);
 }
 
 at::Tensor random_perms(int64_t k, int64_t n, const at::TensorOptions& options) {
@@ -85,27 +92,32 @@ void masked_rows_follow_ranks(const at::TensorOptions& options) {
 }
 
 // Efficiency: the marginals along a permutation telescope, so sum_p phi[p] is
-// sum_k values[k, n] - values[k, 0]; each phi[p] matches a brute-force loop.
-void scatter_is_efficient_and_exact(const at::TensorOptions& options) {
+// sum_k values[k, n] - values[k, 0]; each phi[p] and each unit's squared sum in phi_sq[p]
+// matches a brute-force loop.
+void scatter_is_efficient_and_exact(const at::TensorOptions& options, int64_t unit_size) {
   const int64_t b = 3, k = 40, n = 7;
   const auto f64 = options.dtype(at::kDouble);
   const at::Tensor values = at::randn({b, k, n + 1}, options);
   const at::Tensor perms = random_perms(k, n, options);
   at::Tensor phi = at::zeros({b, n}, f64), phi_sq = at::zeros({b, n}, f64);
-  scatter_marginals_(values, perms, phi, phi_sq);
+  scatter_marginals_(values, perms, phi, phi_sq, unit_size);
   const at::Tensor v = values.cpu().to(at::kDouble), order = perms.cpu();
   const at::Tensor telescoped = (v.select(2, n) - v.select(2, 0)).sum(1);
   EXPECT(at::allclose(phi.cpu().sum(1), telescoped, 1e-12, 1e-12));
   at::Tensor expected = at::zeros({b, n}, at::kDouble),
              expected_sq = at::zeros({b, n}, at::kDouble);
   for (int64_t i = 0; i < b; ++i) {
-    for (int64_t j = 0; j < k; ++j) {
-      for (int64_t t = 0; t < n; ++t) {
-        const double d = (v[i][j][t + 1] - v[i][j][t]).item<double>();
-        const int64_t p = order[j][t].item<int64_t>();
-        expected[i][p] += d;
-        expected_sq[i][p] += d * d;
+    for (int64_t unit = 0; unit < k / unit_size; ++unit) {
+      std::vector<double> unit_sum(n, 0.0);
+      for (int64_t j = unit * unit_size; j < (unit + 1) * unit_size; ++j) {
+        for (int64_t t = 0; t < n; ++t) {
+          const double d = (v[i][j][t + 1] - v[i][j][t]).item<double>();
+          const int64_t p = order[j][t].item<int64_t>();
+          expected[i][p] += d;
+          unit_sum[p] += d;
+        }
       }
+      for (int64_t p = 0; p < n; ++p) expected_sq[i][p] += unit_sum[p] * unit_sum[p];
     }
   }
   EXPECT(at::allclose(phi.cpu(), expected, 1e-12, 1e-12));
@@ -144,6 +156,55 @@ void linear_walk_matches_brute_force(const at::TensorOptions& options) {
   }
 }
 
+// The walk's exp, shared by both devices, is within 2 ulp (4u, tests/numerics.py's EXP_ROUNDINGS)
+// of exp on [-87, 0] (every 61st float, both ends, and a sub-ulp neighbourhood of 0); NaN stays
+// NaN and arguments below -87 give exp(-87).
+void exp_nonpositive_within_two_ulp() {
+  const double u = std::ldexp(1.0, -24);
+  double worst = 0;
+  float worst_at = 0;
+  const auto check = [&](float x) {
+    const double exact = std::exp(static_cast<double>(x));
+    const double error = std::abs(shapcam::exp_nonpositive(x) - exact) / exact;
+    if (error > worst) worst = error, worst_at = x;
+  };
+  uint32_t bits_of_bound;
+  const float bound = -87.0f;
+  std::memcpy(&bits_of_bound, &bound, sizeof bound);
+  for (uint32_t bits = 0x80000000u; bits <= bits_of_bound; bits += 61) {
+    float x;
+    std::memcpy(&x, &bits, sizeof x);
+    check(x);
+  }
+  for (const float x : {0.0f, -0.0f, -87.0f, -1e-30f, -std::numeric_limits<float>::denorm_min()}) {
+    check(x);
+  }
+  if (!(worst <= 4 * u)) {
+    std::cerr << "exp_nonpositive: relative error " << worst / u << " u at x = " << worst_at
+              << std::endl;
+  }
+  EXPECT(worst <= 4 * u);
+  EXPECT(std::isnan(shapcam::exp_nonpositive(std::numeric_limits<float>::quiet_NaN())));
+  EXPECT(shapcam::exp_nonpositive(-1000.0f) == shapcam::exp_nonpositive(-87.0f));
+}
+
+// Prefix rows decode image-major, then permutation, then prefix length, and a position is kept
+// when its rank is below the prefix length: the arithmetic both devices' masked_prefixes run.
+void prefix_rows_decode() {
+  const shapcam::PrefixGrid<int64_t> grid{.perm_start = 2, .num_perms = 3, .prefix_start = 1,
+                                          .num_prefixes = 4};
+  int64_t r = 0;
+  for (int64_t b = 0; b < 2; ++b) {
+    for (int64_t k = 2; k < 5; ++k) {
+      for (int64_t t = 1; t < 5; ++t, ++r) {
+        const auto row = shapcam::decode_prefix_row(r, grid);
+        EXPECT(row.b == b && row.k == k && row.t == t);
+      }
+    }
+  }
+  EXPECT(shapcam::kept<int64_t>(0, 1) && !shapcam::kept<int64_t>(1, 1));
+}
+
 void bad_arguments_raise(const at::TensorOptions& options) {
   const at::Tensor acts = at::randn({3, 2, 2}, options), base = at::zeros({}, options);
   const auto raises = [](const std::function<void()>& call, const std::string& name) {
@@ -154,9 +215,18 @@ void bad_arguments_raise(const at::TensorOptions& options) {
     }
     return false;
   };
-  const at::Tensor repeated = at::tensor({0, 1, 1, 3}, at::kLong).view({1, 4}).to(options.device());
-  EXPECT(raises([&] { masked_prefixes(acts, base, repeated, 0, 1, 0, 5); }, "perms"));
   const at::Tensor perms = random_perms(2, 4, options);
+  // Bad values, rather than shapes: the CPU raises; CUDA asserts on the device, which would end
+  // this process (tests/test_ops.py checks those asserts in subprocesses).
+  if (options.device().is_cpu()) {
+    const at::Tensor repeated = at::tensor({0, 1, 1, 3}, at::kLong).view({1, 4});
+    EXPECT(raises([&] { masked_prefixes(acts, base, repeated, 0, 1, 0, 5); }, "perms"));
+    at::Tensor sum = at::zeros({1, 4}, options), sum_sq = at::zeros({1, 4}, options);
+    EXPECT(raises([&] {
+      linear_walk_(at::randn({1, 3}, options), at::randn({1, 4, 3}, options), perms,
+                   at::tensor({3}, at::kLong), true, sum, sum_sq);
+    }, "classes"));
+  }
   EXPECT(raises([&] { masked_prefixes(acts, base, perms.to(at::kInt), 0, 1, 0, 5); }, "perms"));
   EXPECT(raises([&] { masked_prefixes(acts, base, perms, 0, 3, 0, 5); }, "perm_range"));
   EXPECT(raises([&] { masked_prefixes(acts, base, perms, 0, 2, 0, 6); }, "prefix_range"));
@@ -164,6 +234,9 @@ void bad_arguments_raise(const at::TensorOptions& options) {
   at::Tensor phi = at::zeros({4}, options), phi_sq = at::zeros({4}, options.dtype(at::kDouble));
   EXPECT(raises([&] { scatter_marginals_(at::randn({2, 5}, options), perms, phi, phi_sq); },
                 "phi_sq"));
+  at::Tensor sum = at::zeros({4}, options), sum_sq = at::zeros({4}, options);
+  EXPECT(raises([&] { scatter_marginals_(at::randn({2, 5}, options), perms, sum, sum_sq, 3); },
+                "unit_size"));
 }
 
 void deterministic(const at::TensorOptions& options) {
@@ -182,6 +255,8 @@ void deterministic(const at::TensorOptions& options) {
 
 int main() {
   at::manual_seed(0);
+  exp_nonpositive_within_two_ulp();
+  prefix_rows_decode();
   std::vector<at::Device> devices{at::kCPU};
   if (at::hasCUDA() && c10::Dispatcher::singleton()
                            .findSchemaOrThrow("shapcam::masked_prefixes", "")
@@ -192,7 +267,7 @@ int main() {
     const auto options = at::TensorOptions().device(device).dtype(at::kFloat);
     std::cout << "device " << device << std::endl;
     masked_rows_follow_ranks(options);
-    scatter_is_efficient_and_exact(options);
+    for (const int64_t unit_size : {1, 2, 5}) scatter_is_efficient_and_exact(options, unit_size);
     linear_walk_matches_brute_force(options);
     bad_arguments_raise(options);
     deterministic(options);

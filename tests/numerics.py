@@ -1,0 +1,317 @@
+"""Rounding-error bounds: every tolerance of the test suite comes from here.
+
+Two computations that are equal in exact arithmetic (a kernel and its reference, the CPU and
+the GPU, a fast path and the generic path, one chunking and another) differ by at most the sum
+of their bounds against the exact result. The bounds follow the standard model of floating-point
+arithmetic, fl(a op b) = (a op b)(1 + d) with |d| <= u, and are written out below; each test says
+which of them it uses. They do not depend on the CPU's SIMD width, on MKL's code path
+(MKL_CBWR), on ATen's kernels (ATEN_CPU_CAPABILITY) or on the thread count: those change the
+order of the roundings, not their number.
+
+Precision policy (csrc/shapcam_math.h): linear_walk_ walks the logits in the opmath type of its
+inputs (float for float32/float16/bfloat16, double for float64) on both devices, stores each
+prefix's worth in phi's dtype, and differences and sums the worths there.
+
+References: N. J. Higham, Accuracy and Stability of Numerical Algorithms, 2nd ed. (SIAM 2002),
+Lemma 3.1 and section 4.2 (sums), section 3.1 (dot products); N. J. Higham and T. Mary, A New
+Approach to Probabilistic Rounding Error Analysis, SIAM J. Sci. Comput. 41 (2019) A2815.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable, Union
+
+import torch
+from torch import nn
+
+from shapcam_ext.head import split_model
+from shapcam_ext.reference import permutation_ranks, walk_values
+
+# exp, as the kernels (Cephes, tests/cpp/test_kernels.cpp checks it) and torch compute it, is
+# within 2 ulp = 4u of the exact value: counted as 4 roundings.
+EXP_ROUNDINGS = 4
+# Higham & Mary's lambda: a product of n roundings exceeds gamma_likely(n) with probability at
+# most 2 exp(-lambda^2 / 2) ~ 4e-22, negligible over every dot product the suite computes.
+LIKELY_LAMBDA = 10.0
+
+
+# ---- rounding units ---------------------------------------------------------------------------
+
+
+def unit_roundoff(dtype: torch.dtype) -> float:
+    """u: the largest relative error of one rounding to ``dtype`` (2^-24 for float32)."""
+    return torch.finfo(dtype).eps / 2
+
+
+def opmath(dtype: torch.dtype) -> torch.dtype:
+    """The dtype linear_walk_ walks ``dtype`` logits in: float64 for float64, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def gamma(n: int, dtype: torch.dtype) -> float:
+    """gamma_n = n u / (1 - n u), the relative error of n roundings (Higham, Lemma 3.1).
+
+    A sum of n + 1 terms in any order, or a dot product of length n, is within gamma_n times the
+    sum of the terms' magnitudes of its exact value: a bound that holds for every summation order,
+    so for every SIMD width, blocking and thread count.
+    """
+    nu = n * unit_roundoff(dtype)
+    assert nu < 1, f"{n} roundings in {dtype}: no bound"
+    return nu / (1 - nu)
+
+
+def gamma_likely(n: int, dtype: torch.dtype) -> float:
+    """min(gamma_n, gamma~_n): gamma~_n = exp(lambda sqrt(n) u + n u^2 / (1 - u)) - 1 bounds n
+    roundings that are independent with mean zero, except with probability <= 2 exp(-lambda^2/2)
+    (Higham & Mary, Theorem 2.4). For the long dot products of real heads (n in the thousands),
+    where gamma_n grows linearly and no rounding sequence comes near it."""
+    u = unit_roundoff(dtype)
+    return min(gamma(n, dtype), math.expm1(LIKELY_LAMBDA * math.sqrt(n) * u + n * u * u / (1 - u)))
+
+
+# ---- a softmax probability --------------------------------------------------------------------
+
+
+def softmax_sensitivity(p: torch.Tensor, logit_error=0.0) -> torch.Tensor:
+    """How far a logit error e (in every logit) moves the softmax probability p_c: by at most
+    sum_j |dp_c/dz_j| = 2 q (1 - q) <= 1/2 times e, q the largest p_c along the way. Moving the
+    logits by e changes p_c by a factor within exp(+-2e), so q = min(p e^{2e}, 1/2) (2q(1-q) grows
+    up to q = 1/2)."""
+    q = (p * torch.as_tensor(2 * logit_error, dtype=p.dtype).exp()).clamp(max=0.5)
+    return 2 * q * (1 - q)
+
+
+def softmax_rounding(m: int, dtype: torch.dtype, likely: bool = False) -> float:
+    """Relative error of a softmax probability over m classes computed from given logits: exp of
+    each max-subtracted logit, their m-term sum in any order, one division (the subtraction's own
+    rounding is a logit error). gamma_likely for the many-class heads of real models."""
+    n = 2 * EXP_ROUNDINGS + m - 1 + 1
+    return gamma_likely(n, dtype) if likely else gamma(n, dtype)
+
+
+# ---- from worths to maps ----------------------------------------------------------------------
+
+
+def map_error(value_error: float) -> float:
+    """A Shapley estimate (a mean of marginals, or the exact sum with weights summing to 1) is
+    within 2 * value_error of its exact value when every worth is within value_error: each
+    marginal is a difference of two worths."""
+    return 2 * value_error
+
+
+def assert_within(got: torch.Tensor, expected: torch.Tensor, bound, what: str) -> None:
+    """|got - expected| <= bound elementwise (bound: a number or a broadcastable tensor)."""
+    got, expected = torch.as_tensor(got).double().cpu(), torch.as_tensor(expected).double().cpu()
+    bound = torch.as_tensor(bound, dtype=torch.float64).cpu()
+    excess = (got - expected).abs() - bound
+    worst = int(excess.flatten().argmax()) if excess.numel() else 0
+    assert got.shape == expected.shape and bool((excess <= 0).all()), (
+        f"{what}: |got - expected| exceeds its rounding bound at flat index {worst}: got "
+        f"{got.flatten()[worst].item():.10g}, expected {expected.flatten()[worst].item():.10g}, "
+        f"bound {bound.expand_as(got).flatten()[worst].item():.3g}"
+    )
+
+
+# ---- the ops: scatter_marginals_ and linear_walk_ ---------------------------------------------
+
+
+def accumulated_error(values: torch.Tensor, value_error, perms: torch.Tensor, phi0: torch.Tensor,
+                      phi_sq0: torch.Tensor, unit_size: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bounds on phi and phi_sq after one scatter_marginals_ of ``values`` onto phi0, phi_sq0, in
+    their dtype, when each worth is within ``value_error`` (a number, or one per worth) of the
+    exact ``values`` (..., K, n+1).
+
+    A marginal d = v[t+1] - v[t] is computed within e_d = (e[t+1] + e[t])(1 + u) + u |d|, the
+    last terms its own rounding. phi adds K marginals to phi0, K roundings in any order (units
+    first or not): sum_k e_d + gamma_K (|phi0| + sum_k |d^|), |d^| <= |d| + e_d. A unit's sum S of
+    U marginals is within e_S = sum e_d + gamma_{U-1} sum |d^|; its square within
+    e_S (2|S| + e_S) + u |S^|^2; phi_sq adds K/U of them to phi_sq0: gamma_{K/U} (|phi_sq0| +
+    sum |S^|^2) more.
+    """
+    acc = phi0.dtype
+    u = unit_roundoff(acc)
+    values = values.double().cpu()
+    error = torch.as_tensor(value_error, dtype=torch.float64).expand_as(values)
+    signed = values[..., 1:] - values[..., :-1]
+    e_d = (error[..., 1:] + error[..., :-1]) * (1 + u) + u * signed.abs()
+    # Each position's marginal from each permutation, like the reference gathers them.
+    ranks = permutation_ranks(perms.cpu()).expand_as(signed)
+    signed, e_d = signed.gather(-1, ranks), e_d.gather(-1, ranks)
+    rounded = signed.abs() + e_d
+    k = values.shape[-2]
+    phi = e_d.sum(-2) + gamma(k, acc) * (phi0.double().cpu().abs() + rounded.sum(-2))
+
+    def by_unit(x):
+        return x.unflatten(-2, (k // unit_size, unit_size)).sum(-2)
+
+    unit_sum = by_unit(signed).abs()
+    e_s = by_unit(e_d) + gamma(unit_size - 1, acc) * by_unit(rounded)
+    squares = (unit_sum + e_s) ** 2
+    phi_sq = (e_s * (2 * unit_sum + e_s) + u * squares).sum(-2) + gamma(k // unit_size, acc) * (
+        phi_sq0.double().cpu().abs() + squares.sum(-2))
+    return phi, phi_sq
+
+
+def scatter_error(values: torch.Tensor, perms: torch.Tensor, phi0: torch.Tensor, phi_sq0: torch.Tensor,
+                  unit_size: int = 1) -> tuple:
+    """Bounds on one implementation of scatter_marginals_: the worths are given exactly, except
+    that float64 worths round once to float32 accumulators."""
+    wider = torch.finfo(values.dtype).eps < torch.finfo(phi0.dtype).eps
+    value_error = unit_roundoff(phi0.dtype) * values.double().abs() if wider else 0.0
+    return accumulated_error(values, value_error, perms, phi0, phi_sq0, unit_size)
+
+
+def walk_error(start: torch.Tensor, deltas: torch.Tensor, perms: torch.Tensor, classes: torch.Tensor,
+               softmax: bool, walk: torch.dtype, phi0: torch.Tensor, phi_sq0: torch.Tensor,
+               unit_size: int = 1) -> tuple:
+    """Bounds on one implementation of linear_walk_ that walks the logits in ``walk`` (the
+    compiled kernels: opmath of the inputs; the reference: phi's dtype) and stores each worth in
+    phi's dtype.
+
+    The running logits z_t = z_0 + d_1 + ... + d_t are recursive sums: within gamma_n Z of exact,
+    Z = max_j (|z_0j| + sum_p |d_pj|) per image (Higham, eq. 4.4); gamma_{n+1} when the inputs
+    are rounded to ``walk`` first (the reference walks float64 logits in float32 phi's dtype). A
+    logit worth is within that. A softmax worth p is within softmax_sensitivity(p) times it plus
+    the max-subtraction's 2 u Z, plus its own rounding softmax_rounding * p. Storing the worth
+    rounds once more. The exact worths come from the reference walk in float64.
+    """
+    n, m = deltas.shape[1], deltas.shape[2]
+    exact = walk_values(start.double().cpu(), deltas.double().cpu(), perms.cpu(), classes.cpu(), softmax,
+                        torch.float64)
+    z = (start.double().abs() + deltas.double().abs().sum(1)).amax(-1).cpu().view(-1, 1, 1)
+    rounded_inputs = torch.finfo(deltas.dtype).eps < torch.finfo(walk).eps
+    logit_error = gamma(n + rounded_inputs, walk) * z
+    if softmax:
+        logit_error = logit_error + 2 * unit_roundoff(walk) * z
+        error = softmax_sensitivity(exact, logit_error) * logit_error + softmax_rounding(m, walk) * exact
+    else:
+        error = logit_error.expand_as(exact)
+    error = error + unit_roundoff(phi0.dtype) * (exact.abs() + error)
+    return accumulated_error(exact, error, perms, phi0, phi_sq0, unit_size)
+
+
+# ---- heads of real models ---------------------------------------------------------------------
+
+
+def head_sums(head: nn.Module, positions: int) -> list[int]:
+    """The roundings each layer of a head contributes along its longest path: the pool's sum over
+    ``positions`` (0: no pool), a Linear's or a convolution's dot product (fan-in + 1 for the
+    bias), a layer norm's mean and variance over its channels, and a few (4) for every other
+    leaf module with arithmetic (batch norm, activations)."""
+    exact = (nn.Dropout, nn.Identity, nn.Flatten, nn.ReLU, nn.MaxPool2d, nn.AdaptiveMaxPool2d)
+    pools = (nn.AvgPool2d, nn.AdaptiveAvgPool2d)  # counted by ``positions``
+    sums = [positions] if positions else []
+    for module in head.modules():
+        if isinstance(module, nn.Linear):
+            sums.append(module.in_features + 1)
+        elif isinstance(module, nn.modules.conv._ConvNd):
+            sums.append(module.in_channels // module.groups * math.prod(module.kernel_size) + 1)
+        elif isinstance(module, nn.LayerNorm):
+            sums.append(2 * math.prod(module.normalized_shape) + 4)
+        elif not any(True for _ in module.children()) and not isinstance(module, exact + pools):
+            sums.append(EXP_ROUNDINGS)
+    return sums
+
+
+def model_value_error(scale: "LogitScale", model: nn.Module, layer, positions: int,
+                      target: Union[str, float] = "softmax") -> float:
+    """LogitScale.value_error for the head of ``model`` cut after ``layer``, with ``positions``
+    players: the layers of its fx graph."""
+    return scale.value_error(head_sums(split_model(model, layer).graph_module, positions), target)
+
+
+def final_linear(model: nn.Module) -> nn.Linear:
+    """The last Linear layer registered in a classifier: the one producing the logits."""
+    return [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+
+
+class LogitScale:
+    """Records, for every row a model's final Linear computes while active, the magnitude of its
+    dot products, S = max_c (|W| |h| + |b|)_c, and the row's largest softmax probability.
+
+    Use as a context manager around the computations whose worths are bounded.
+    """
+
+    def __init__(self, linear: nn.Linear):
+        self.linear = linear
+        self.terms: list[torch.Tensor] = []
+        self.top_probability: list[torch.Tensor] = []
+
+    def _record(self, module, inputs, output):
+        h = inputs[0].detach().double().flatten(0, -2)
+        weight, bias = module.weight.detach().double().abs(), module.bias
+        terms = h.abs() @ weight.T + (0 if bias is None else bias.detach().double().abs())
+        self.terms.append(terms.amax(-1).cpu())
+        self.top_probability.append(output.detach().double().flatten(0, -2).softmax(-1).amax(-1).cpu())
+
+    def __enter__(self) -> "LogitScale":
+        self._handle = self.linear.register_forward_hook(self._record)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._handle.remove()
+
+    @property
+    def largest_logit(self) -> float:
+        """A bound on every recorded logit's magnitude: the largest S."""
+        return float(torch.cat(self.terms).max())
+
+    def value_error(self, sums: Iterable[int], target: Union[str, float] = "softmax") -> float:
+        """A bound on how far a float32 evaluation of any recorded row's worth is from exact.
+
+        Each layer's dot products (or pooled sums) of length L are within gamma_likely(L) of the
+        magnitude of their terms. Modelled assumption: each layer's error reaches the logits at
+        most at the scale S of the final dot products (exact for elementwise layers before the
+        final Linear; between stacked Linear layers, the margin of gamma_likely over the errors
+        actually seen, orders of magnitude, absorbs what amplification there is). So a logit is
+        within e_z = S * sum_layers gamma_likely(L). The worth: a logit (target="logit"), a softmax
+        probability (within softmax_sensitivity(p) e_z plus its own rounding), or any target
+        with the given Lipschitz constant in the logits' max norm.
+        """
+        assert self.terms, "the final Linear computed nothing while recording"
+        terms, top = torch.cat(self.terms), torch.cat(self.top_probability)
+        logit_error = terms * sum(gamma_likely(n, torch.float32) for n in sums)
+        if target == "logit":
+            error = logit_error
+        elif target == "softmax":
+            rounding = softmax_rounding(self.linear.out_features, torch.float32, likely=True)
+            error = softmax_sensitivity(top, logit_error) * logit_error + rounding * top
+        else:
+            error = float(target) * logit_error
+        return float(error.max())
+
+
+# ---- Shapley properties and post-processing ---------------------------------------------------
+
+
+def efficiency_gap(value_error: float, k: int, n: int, worth_scale: float = 1.0) -> float:
+    """A bound on |sum_p phi_p - (v(N) - v(empty))| for an estimate from K permutations of n
+    players whose worths are within value_error and at most worth_scale in magnitude.
+
+    The marginals telescope to mean_k (v_k(N) - v_k(empty)): two worths within value_error each,
+    and value_full / value_empty are evaluated apart, two more. The float64 accumulators add K
+    marginals per player, then n players: gamma_{K+n} times 2 n worth_scale.
+    """
+    return 4 * value_error + gamma(k + n, torch.float64) * 2 * n * worth_scale
+
+
+def postprocess_rounding() -> float:
+    """The rounding of one float32 post-processing of a map into [0, 1]: subtraction, division
+    and a bilinear interpolation (4 products, 3 sums, rounded weights): gamma_10."""
+    return gamma(10, torch.float32)
+
+
+def rescaled_error(input_error: float, maps: torch.Tensor, implementations: int = 2) -> float:
+    """A bound on the difference of ``implementations`` post-processings (pytorch-grad-cam's: ReLU,
+    per-image min-max to [0, 1], bilinear resize) of (B, h, w) maps within input_error of one
+    another.
+
+    ReLU is 1-Lipschitz; y = (x - min) / (max - min + 1e-7) moves by at most
+    4 input_error / (max - min + 1e-7) to first order (the numerator by 2 input_error, and y <= 1
+    times the denominator's change, 2 input_error, over the denominator); the interpolation is a
+    convex combination, which does not amplify. Each implementation adds its own rounding
+    (postprocess_rounding).
+    """
+    cams = maps.double().clamp_min(0).flatten(1)
+    spread = float((cams.amax(1) - cams.amin(1)).min())
+    return 4 * input_error / (spread + 1e-7) + implementations * postprocess_rounding()
