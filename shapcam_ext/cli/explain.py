@@ -61,6 +61,7 @@ def explained_record(session: Session, sample, outputs: Outputs, probabilities: 
         top5=[{"index": int(i), "name": session.class_name(int(i)), "probability": float(p)}
               for p, i in zip(top.values, top.indices)],
         n_permutations=result.n_permutations,
+        design=args.design,
         antithetic=args.antithetic,
         seed=args.seed,
         tolerance=args.tolerance,

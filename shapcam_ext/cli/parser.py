@@ -10,6 +10,7 @@ import torch
 from shapcam_ext.cli.info import version_text
 from shapcam_ext.cli.methods import METHODS
 from shapcam_ext.cli.models import DEFAULT_MODEL
+from shapcam_ext.sampling import DESIGNS
 
 __all__ = ["DEFAULT_PERMUTATIONS", "DEFAULT_PERMUTATION_CAP", "METRICS", "SEED_MAX", "build_parser"]
 
@@ -30,7 +31,7 @@ examples:
   shapcam explain cat.jpg photos/ --out maps
   # a chosen class, more permutations, another seed
   shapcam explain cat.jpg --target 281 --permutations 1024 --seed 7
-  # sample until the largest standard error is 2% of the largest value
+  # sample until the map's relative L2 error is below 2% (90% confidence)
   shapcam explain cat.jpg --tolerance 0.02
   # another architecture with its own checkpoint and layer
   shapcam explain cat.jpg --model resnet50 --weights resnet50.pth --layer layer4
@@ -142,6 +143,9 @@ def _model_options() -> argparse.ArgumentParser:
                               f"the cap with --tolerance, default {DEFAULT_PERMUTATION_CAP})")
     options.add_argument("--tolerance", type=_positive(float), metavar="E",
                          help="sample until the map's relative L2 error is below E with 90%% confidence")
+    options.add_argument("--design", choices=DESIGNS, default=DESIGNS[0],
+                         help="how Shap-CAM draws permutations: 'latin' stratifies them by position (default; "
+                              "several times fewer permutations for the same error), 'iid' draws them independently")
     options.add_argument("--antithetic", action=argparse.BooleanOptionalAction, default=True,
                          help="pair each permutation with its reverse (default: on)")
     options.add_argument("--seed", type=_seed, default=0,

@@ -75,7 +75,7 @@ def open_session(args: argparse.Namespace) -> Session:
         cam = shapcam_ext.ShapCAM(
             model, [layer],
             n_permutations=args.permutations or (DEFAULT_PERMUTATION_CAP if args.tolerance else DEFAULT_PERMUTATIONS),
-            tolerance=args.tolerance, antithetic=args.antithetic, seed=args.seed,
+            tolerance=args.tolerance, design=args.design, antithetic=args.antithetic, seed=args.seed,
             progress=sys.stderr.isatty() and not args.quiet,
         )
         require_feature_map(args.model, model, layer, preprocess.input_size)
