@@ -19,11 +19,13 @@ shapcam() { python -m shapcam_ext "$@"; }
 # a first run of an evaluation, or --resume when its folder already holds one
 start() { if [ -f "$1/run.json" ]; then echo --resume; fi; }
 
+# --design iid: committed results used i.i.d. antithetic permutations, which --resume extends (latin: drop it, --overwrite)
 # §4.1: each photo for the model's top-1 class; AD/IC at three keep fractions, RISE's deletion and insertion
 faithfulness=(evaluate --metrics ad-ic,deletion,insertion --keep-fractions 1,0.5,0.2 --auc-steps 56
-              --rise-masks 1000 --batch-size 9)
+              --rise-masks 1000 --batch-size 9 --design iid)
 # §4.2: each hand-drawn object for its ImageNet class; the energy-based pointing game
-pointing=(evaluate --boxes experiments/boxes.json --target label --metrics pointing --rise-masks 1000 --batch-size 10)
+pointing=(evaluate --boxes experiments/boxes.json --target label --metrics pointing --rise-masks 1000 --batch-size 10
+          --design iid)
 
 shapcam "${faithfulness[@]}" --methods "$quick" --out "$results/faithfulness" $(start "$results/faithfulness")
 shapcam "${pointing[@]}" --methods "$quick" --out "$results/pointing_game" $(start "$results/pointing_game")
