@@ -35,7 +35,7 @@ class ShapCAM:
             players; several layers' maps are averaged as pytorch-grad-cam does.
         reshape_transform: maps a non-4-D activation (e.g. ViT tokens) to (B, C, h, w); it must
             only rearrange elements (pytorch-grad-cam's ViT and Swin transforms do).
-        n_permutations, antithetic, seed, tolerance, exact, baseline, group_size,
+        n_permutations, design, antithetic, seed, tolerance, exact, baseline, group_size,
         memory_budget, batch_size, fast_path: see :class:`shapcam_ext.engine.SamplingConfig`.
             With ``group_size`` g, g x g positions form one player.
         head: the model from the target layer on, when it can't be extracted automatically.
@@ -53,6 +53,7 @@ class ShapCAM:
         reshape_transform: Optional[Callable] = None,
         *,
         n_permutations: int = 256,
+        design: str = "latin",
         antithetic: bool = True,
         seed: Optional[int] = 0,
         tolerance: Optional[float] = None,
@@ -71,7 +72,7 @@ class ShapCAM:
         self.target_layers = _check_target_layers(target_layers)
         self.reshape_transform = reshape_transform
         self.config = SamplingConfig(
-            n_permutations=n_permutations, antithetic=antithetic, seed=seed, tolerance=tolerance, exact=exact,
+            n_permutations=n_permutations, design=design, antithetic=antithetic, seed=seed, tolerance=tolerance, exact=exact,
             baseline=baseline, group_size=group_size, memory_budget=memory_budget, batch_size=batch_size,
             fast_path=fast_path,
         )

@@ -4,6 +4,11 @@ Faithfulness (Grad-CAM++'s protocol): the input is masked by point-wise multipli
 saliency map (``explanation_input``), the model scores the masked input, and the scores with and
 without the mask give ``average_drop`` and ``increase_in_confidence``.
 
+Causal curves (RISE's deletion and insertion): ``ranked_curve`` scores the input as its most
+salient pixels are taken, in order, from another image; ``area_under_curve`` summarises a curve.
+Deletion takes them from a substrate (RISE: zeros), insertion starts from a substrate (RISE: a
+blurred copy, ``blurred``) and takes them from the image.
+
 Localisation (Score-CAM's energy-based pointing game): ``energy_pointing_game`` is the share of a
 map's total energy that falls inside the object's bounding box(es).
 
@@ -11,7 +16,7 @@ All functions are pure: they take tensors or arrays and return new values.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -19,7 +24,10 @@ import torch.nn.functional as F
 
 ArrayLike = Union[np.ndarray, torch.Tensor, Sequence[float]]
 
-__all__ = ["average_drop", "increase_in_confidence", "explanation_input", "box_mask", "energy_pointing_game"]
+__all__ = [
+    "area_under_curve", "average_drop", "blurred", "box_mask", "energy_pointing_game", "explanation_input",
+    "increase_in_confidence", "ranked_curve",
+]
 
 
 def _scores(full_scores: ArrayLike, explanation_scores: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
@@ -61,6 +69,16 @@ def increase_in_confidence(full_scores: ArrayLike, explanation_scores: ArrayLike
     return float(np.mean(o > y) * 100.0)
 
 
+def _as_maps(saliency: Union[np.ndarray, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """(B, h, w) maps as a tensor beside ``x``, resized bilinearly to its (H, W) when they differ."""
+    sal = torch.as_tensor(saliency).to(device=x.device, dtype=x.dtype)
+    if x.dim() != 4 or sal.dim() != 3 or sal.shape[0] != x.shape[0]:
+        raise ValueError(f"need x (B, C, H, W) and saliency (B, h, w); got {tuple(x.shape)} and {tuple(sal.shape)}")
+    if sal.shape[-2:] != x.shape[-2:]:
+        sal = F.interpolate(sal[:, None], size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    return sal
+
+
 def _keep_top(saliency: torch.Tensor, keep_fraction: float) -> torch.Tensor:
     """Zero all but the ``keep_fraction`` highest pixels of each (H, W) map (ties may keep a few more)."""
     flat = saliency.flatten(1)
@@ -96,21 +114,86 @@ def explanation_input(
     Raises:
         ValueError: shapes that don't match, a map outside [0, 1], or keep_fraction outside (0, 1].
     """
-    sal = torch.as_tensor(saliency).to(device=x.device, dtype=x.dtype)
-    if x.dim() != 4 or sal.dim() != 3 or sal.shape[0] != x.shape[0]:
-        raise ValueError(f"need x (B, C, H, W) and saliency (B, h, w); got {tuple(x.shape)} and {tuple(sal.shape)}")
+    sal = _as_maps(saliency, x)
     if sal.numel() and (sal.min() < 0 or sal.max() > 1):
         raise ValueError("saliency must lie in [0, 1]; min-max scale it first (pytorch-grad-cam maps already are)")
     if keep_fraction is not None and not 0 < keep_fraction <= 1:
         raise ValueError(f"keep_fraction must be in (0, 1], got {keep_fraction}")
-    if sal.shape[-2:] != x.shape[-2:]:
-        sal = F.interpolate(sal[:, None], size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
     if keep_fraction is not None:
         sal = _keep_top(sal, keep_fraction)
     m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
     s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
     image = x * s + m
     return (image * sal[:, None] - m) / s
+
+
+def ranked_curve(
+    score: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    first: torch.Tensor,
+    rest: torch.Tensor,
+    saliency: Union[np.ndarray, torch.Tensor],
+    steps: int,
+    batch_size: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The score of inputs whose k most salient pixels come from ``first`` and the others from ``rest``.
+
+    k runs over 0, s, 2s, ... and finally every pixel, with s = ceil(pixels / steps), as in
+    torchcam's DeletionInsertionMetric. Pixels are ranked by decreasing saliency, ties in
+    row-major order, and a pixel is taken with all its channels. Deletion (RISE) is
+    ``ranked_curve(score, substrate, x, ...)``: the top pixels are removed first; insertion is
+    ``ranked_curve(score, x, substrate, ...)``: they are restored first.
+
+    Args:
+        score: ``score(inputs, images)`` returns the (N,) scores of N model inputs, where
+            ``images[i]`` is the index in the batch of the image that ``inputs[i]`` derives from
+            (so each image is scored for its own class).
+        first, rest: (B, C, H, W) the two sources of pixels.
+        saliency: (B, h, w) maps; resized bilinearly to (H, W) when they differ.
+        steps: the number of intervals (the curve has at most steps + 1 points).
+        batch_size: inputs per call of ``score``.
+
+    Returns:
+        (fractions, scores): (P,) the share of pixels taken from ``first`` at each point, from 0
+        to 1, and (B, P) the scores there, float64.
+
+    Raises:
+        ValueError: shapes that do not match, or steps / batch_size below 1.
+    """
+    if steps < 1 or batch_size < 1:
+        raise ValueError(f"steps and batch_size must be >= 1, got {steps} and {batch_size}")
+    if first.shape != rest.shape:
+        raise ValueError(f"first and rest must have one shape, got {tuple(first.shape)} and {tuple(rest.shape)}")
+    sal = _as_maps(saliency, first)
+    batch, pixels = first.shape[0], first.shape[-1] * first.shape[-2]
+    order = torch.argsort(sal.flatten(1), dim=1, descending=True, stable=True)
+    ranks = torch.argsort(order, dim=1)  # rank of each pixel, 0 = most salient
+    stride = -(-pixels // steps)
+    counts = torch.tensor([*range(0, pixels, stride), pixels], device=first.device)
+    jobs = torch.cartesian_prod(torch.arange(batch, device=first.device), torch.arange(len(counts), device=first.device))
+    scores = torch.empty(batch, len(counts), dtype=torch.float64, device=first.device)
+    with torch.no_grad():
+        for chunk in jobs.split(batch_size):
+            images, points = chunk[:, 0], chunk[:, 1]
+            taken = (ranks[images] < counts[points, None]).view(-1, 1, *first.shape[-2:])
+            inputs = torch.where(taken, first[images], rest[images])
+            scores[images, points] = score(inputs, images).to(torch.float64)
+    return counts.to(torch.float64) / pixels, scores
+
+
+def area_under_curve(fractions: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """(B,) trapezoidal areas under the curves ``scores`` (B, P) over ``fractions`` (P,) in [0, 1]."""
+    return torch.trapezoid(scores, fractions, dim=-1)
+
+
+def blurred(x: torch.Tensor, kernel_size: int = 11, sigma: float = 5.0) -> torch.Tensor:
+    """A Gaussian-blurred copy of a (B, C, H, W) batch: RISE's insertion substrate (kernel 11, sigma 5).
+
+    The blur is linear with weights summing to 1, so blurring the normalised input equals
+    normalising the blurred image.
+    """
+    import torchvision.transforms.functional as TF
+
+    return TF.gaussian_blur(x, [kernel_size, kernel_size], [sigma, sigma])
 
 
 def box_mask(shape: tuple[int, int], boxes: ArrayLike) -> np.ndarray:

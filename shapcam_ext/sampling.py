@@ -17,26 +17,63 @@ from typing import Optional
 
 import torch
 
+from shapcam_ext.statistics import MIN_UNITS_TO_STOP
+
 MAX_EXACT_PLAYERS = 8  # 8! = 40320 orders
-_DRAW_ELEMENTS = 1 << 20  # elements per block of draws: bounds the stream's own memory
+_DRAW_ELEMENTS = 1 << 20  # elements per draw: bounds the stream's own memory
+
+
+DESIGNS = ("latin", "iid")
+MAX_BLOCK_ROWS = 64  # keeps a unit (2 x 64 orders) small next to a run, for the stop checks
+
+
+def latin_block_rows(n: int, rows: int) -> int:
+    """Orders per Latin block (m, also its number of strata) in a run of ``rows`` orders (before
+    antithetic reverses). At most n, :data:`MAX_BLOCK_ROWS`, and few enough to leave
+    :data:`~shapcam_ext.statistics.MIN_UNITS_TO_STOP` blocks, so that standard errors (computed
+    over blocks) and the tolerance stop have enough of them. Within that cap, m = ceil(n / g) for
+    the fewest groups g: the strata then hold g or g - 1 players, and stay even to within one."""
+    cap = max(1, min(n, MAX_BLOCK_ROWS, rows // MIN_UNITS_TO_STOP))
+    return -(-n // -(-n // cap))
 
 
 class PermutationStream:
-    """Uniformly random orders of ``n`` players, optionally each followed by its reverse.
+    """Random orders of ``n`` players for the permutation estimator, in independent units.
+
+    Designs:
+
+    * ``"latin"`` (the default): blocks of m orders stratified by position. The positions
+      0..n-1 fall into m strata of consecutive positions, and in each block every player enters
+      once in each stratum: a randomised Latin square of order m assigns the strata (for m = n,
+      each player takes each position exactly once). A player's marginal contribution depends
+      most on how many players precede it, so averaging it over every stratum removes most of the
+      estimator's variance. Each order alone is still uniformly random, so the estimate stays
+      unbiased. A block's orders are dependent, so the block is the unit.
+    * ``"iid"``: independent uniform orders; the unit is one order.
+
+    With ``antithetic`` each order is followed by its reverse: a player that enters early in one
+    enters late in the other, which cancels much of the remaining variance.
 
     Args:
         n: number of players.
-        antithetic: follow each order by its reverse (a unit of two rows): a player that enters
-            early in one enters late in the other, which cancels much of the estimator's variance.
+        antithetic: follow each order by its reverse.
         seed: seeds the draws; None draws a fresh seed.
         device: where the permutations are made and returned.
+        design: ``"latin"`` or ``"iid"``.
+        total: the most permutations the run takes; sizes Latin blocks (:func:`latin_block_rows`).
     """
 
     exhaustive = False
 
-    def __init__(self, n: int, antithetic: bool, seed: Optional[int], device: torch.device):
+    def __init__(self, n: int, antithetic: bool, seed: Optional[int], device: torch.device,
+                 design: str = "latin", total: int = 256):
+        if design not in DESIGNS:
+            raise ValueError(f"design must be one of {DESIGNS}, got {design!r}")
         self.n = n
-        self.unit_size = 2 if antithetic else 1
+        self.design = design
+        reverses = 2 if antithetic else 1
+        self.block_rows = latin_block_rows(n, total // reverses) if design == "latin" else 1
+        self.unit_size = self.block_rows * reverses
         self.device = torch.device(device)
         self.generator = torch.Generator(device=self.device)
         if seed is None:
@@ -60,11 +97,42 @@ class PermutationStream:
         return rows[:count]
 
     def _draw(self) -> torch.Tensor:
-        # argsort of i.i.d. uniforms is a uniform permutation, drawn for a block of rows at once.
-        orders = torch.rand(self._units_per_draw, self.n, generator=self.generator, device=self.device).argsort(1)
-        if self.unit_size == 2:
+        """The next ``_units_per_draw`` units, (units * unit_size, n)."""
+        orders = (self._uniform_orders(self._units_per_draw, self.n) if self.design == "iid"
+                  else self._stratified_blocks(self._units_per_draw))
+        if self.unit_size != self.block_rows:  # antithetic: each order, then its reverse
             orders = torch.stack([orders, orders.flip(1)], dim=1).reshape(-1, self.n)
         return orders
+
+    def _stratified_blocks(self, units: int) -> torch.Tensor:
+        """(units * m, n): blocks of m orders in which each player enters once per stratum.
+
+        The n players are padded to g * m slots with g = ceil(n / m) and split at random into g
+        groups of m (the padding all in the last). In group i, member k sits in stratum sigma_i[(a_i[k] + r) mod m] in order r
+        of the block (a cyclic Latin square with random rows a_i and symbols sigma_i, so the
+        strata of two members change independently), which puts one member of each group, g
+        players, in every stratum. Shuffled within strata, each order is uniform over all
+        orders of the padded players (the construction is invariant under relabelling them), so
+        it stays uniform once the padding is dropped.
+        """
+        n, m = self.n, self.block_rows
+        groups = -(-n // m)
+        slots = groups * m
+        a, sigma = self._uniform_orders(2 * units * groups, m).view(2, units, 1, groups, m)
+        step = torch.arange(m, device=self.device).view(1, m, 1, 1)
+        strata = sigma.expand(units, m, groups, m).gather(3, (a + step) % m).flatten(2)  # (units, m, slots)
+        # Real players fill the first n slots at random; the padding is the last group's tail, so
+        # a stratum holds at most one padding slot and the strata stay within one position of even.
+        padding = torch.arange(n, slots, device=self.device).expand(units, slots - n)
+        players = torch.cat([self._uniform_orders(units, n), padding], 1).view(units, 1, slots).expand(units, m, slots)
+        # Sorting by stratum + a uniform in [0, 1) orders the strata and shuffles within each one.
+        keys = torch.rand(units, m, slots, generator=self.generator, device=self.device).add_(strata)
+        order = players.gather(2, keys.argsort(2)).reshape(-1, slots)
+        return order[order < n].view(-1, n) if slots > n else order
+
+    def _uniform_orders(self, count: int, size: int) -> torch.Tensor:
+        # argsort of i.i.d. uniforms is a uniform permutation, drawn for many rows at once.
+        return torch.rand(count, size, generator=self.generator, device=self.device).argsort(1)
 
 
 class ExhaustiveStream:

@@ -318,6 +318,7 @@ def test_bad_target_layers_name_the_fix(model_and_input, layers, error, match):
     ("seed", -1, ValueError, "seed must be >= 0"),
     ("group_size", 0, ValueError, "group_size must be >= 1"),
     ("antithetic", "yes", TypeError, "antithetic must be True or False"),
+    ("design", "sobol", ValueError, "design must be one of 'latin', 'iid', got 'sobol'"),
     ("tolerance", float("nan"), ValueError, "tolerance must be > 0"),
 ])
 def test_bad_settings_are_one_line_errors(model_and_input, option, value, error, match):
@@ -356,6 +357,7 @@ def test_a_long_run_announces_its_cost_first(model_and_input, monkeypatch, caplo
     model, x = model_and_input
     monkeypatch.setattr(engine, "LONG_RUN_SECONDS", 0.0)
     with caplog.at_level("WARNING", logger="shapcam_ext"):
-        explain(model, x, n_permutations=64, batch_size=7)
+        result = explain(model, x, n_permutations=64, batch_size=7)[0]
     (record,) = [r for r in caplog.records if "projected" in r.getMessage()]
-    assert "64 permutations x 7 coalitions" in record.getMessage()
+    # 64 rounded up to whole Latin blocks
+    assert f"{result.n_permutations} permutations x 7 coalitions" in record.getMessage()

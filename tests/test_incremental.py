@@ -12,6 +12,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+import numerics
 from exact import exact_shapley
 from shapcam_ext import ShapCAM, fastpath
 from shapcam_ext.fastpath import incremental, prove
@@ -58,17 +59,19 @@ CASES = [(name, layer, size, walk) for name, layer, size, walks in COVERED for w
 
 
 def explain_both(name, layer, size, seed=1, **settings):
+    """Both paths' results and the bound on their worths' rounding (tests/numerics.py)."""
     model = calibrated(name)
     torch.manual_seed(seed)
-    return both_paths(model, layer, torch.randn(2, 3, size, size), **settings)
+    fast, generic, scale = both_paths(model, layer, torch.randn(2, 3, size, size), **settings)
+    return fast, generic, numerics.model_value_error(scale, model, layer, fast[0].shapley.numel())
 
 
 @pytest.mark.parametrize("name,layer,size,walk", CASES, ids=[f"{n}-{l}-{w}" for n, l, _, w in CASES])
 def test_incremental_walks_equal_the_generic_path(name, layer, size, walk, monkeypatch):
     force(monkeypatch, walk)
-    fast, generic = explain_both(name, layer, size)
+    fast, generic, value_error = explain_both(name, layer, size)
     assert {r.path for r in fast} == {WALKS[walk]}
-    assert_same_maps(fast, generic)
+    assert_same_maps(fast, generic, value_error)
 
 
 def tiny_head_model() -> nn.Module:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from typing import Optional, Sequence
 
+from shapcam_ext.cli import distributed
 from shapcam_ext.cli.errors import EXIT_FAILED, EXIT_INTERRUPTED, CommandError
 from shapcam_ext.cli.logs import LOGGER, command_logging
 from shapcam_ext.cli.parser import build_parser
@@ -20,10 +21,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run ``shapcam`` with ``argv`` (default: the process's arguments); returns the exit status.
 
     0 on success, 1 if the setup or any image failed, 2 for a usage error (argparse exits with
-    it), 130 when interrupted. Diagnostics go to stderr, one line each; records to stdout.
+    it), 130 when interrupted. Diagnostics go to stderr, one line each; records to stdout. Under
+    torchrun only rank 0 reports: it prints every process's records and errors, and the other
+    ranks show errors of their own only.
     """
     args = build_parser().parse_args(argv)
     level = logging.DEBUG if args.verbose else logging.ERROR if args.quiet else logging.INFO
+    if distributed.world()[0] > 0:
+        level = max(level, logging.ERROR)
     with command_logging(level):
         try:
             return args.run(args)

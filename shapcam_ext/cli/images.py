@@ -8,7 +8,7 @@ from typing import Iterable, Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-__all__ = ["bundled_photos", "expand_images", "load_image", "to_rgb"]
+__all__ = ["bundled_photos", "expand_images", "images_in", "is_image_file", "load_image", "to_rgb"]
 
 # (package, folder inside it, file names)
 _PHOTO_SOURCES = [
@@ -40,18 +40,25 @@ def bundled_photos() -> dict[str, Path]:
     return photos
 
 
+def is_image_file(path: Path) -> bool:
+    """Whether ``path`` is a file with an extension PIL reads."""
+    return path.is_file() and path.suffix.lower() in {ext.lower() for ext in Image.registered_extensions()}
+
+
+def images_in(folder: Path) -> list[Path]:
+    """The image files directly inside ``folder`` (see :func:`is_image_file`), sorted by name."""
+    return sorted(p for p in folder.iterdir() if is_image_file(p))
+
+
 def expand_images(paths: Iterable[Union[str, Path]]) -> list[Path]:
     """The image files named by ``paths``: files as given, folders replaced by their images.
 
-    A folder contributes the files directly inside it whose extension PIL reads, sorted by name.
-    A folder with none is kept as it is, so that :func:`load_image` reports it as an error of its
-    own and the other images still run.
+    A folder contributes :func:`images_in` it. A folder with none is kept as it is, so that
+    :func:`load_image` reports it as an error of its own and the other images still run.
     """
-    readable = {ext.lower() for ext in Image.registered_extensions()}
     images = []
     for path in map(Path, paths):
-        found = [p for p in path.iterdir() if p.is_file() and p.suffix.lower() in readable] if path.is_dir() else []
-        images.extend(sorted(found) or [path])
+        images.extend((images_in(path) if path.is_dir() else []) or [path])
     return images
 
 

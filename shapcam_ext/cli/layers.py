@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-__all__ = ["default_layer", "feature_map_layers", "require_feature_map"]
+__all__ = ["default_layer", "feature_map_layers", "layer_output_shape", "require_feature_map"]
 
 # (architecture-name pattern, candidate layers in order); the first candidate present wins.
 _DEFAULT_LAYERS = [
@@ -87,6 +87,11 @@ def default_layer(model_name: str, model: nn.Module, input_size: tuple[int, int]
     return layers[-1]
 
 
+def layer_output_shape(model: nn.Module, layer: str, input_size: tuple[int, int]) -> Optional[tuple[int, ...]]:
+    """The shape of ``layer``'s output for one zero image of ``input_size``, or None when it returns no tensor."""
+    return _output_shapes(model, input_size).get(layer)
+
+
 def require_feature_map(model_name: str, model: nn.Module, layer: str, input_size: tuple[int, int]) -> None:
     """Check that ``layer``'s output is a (B, C, h, w) map, whose positions Shap-CAM takes as players.
 
@@ -102,7 +107,7 @@ def require_feature_map(model_name: str, model: nn.Module, layer: str, input_siz
         ValueError: the layer's output is not 4-D; the message suggests the default layer and
             the last few layers that output feature maps.
     """
-    shape = _output_shapes(model, input_size).get(layer)
+    shape = layer_output_shape(model, layer, input_size)
     if shape is None or len(shape) == 4:
         return
     default = default_layer(model_name, model, input_size)

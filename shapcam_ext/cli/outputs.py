@@ -1,7 +1,9 @@
 """Where each image's outputs go, and writing them so that nothing the user has is lost.
 
-Every image gets ``<stem>_shapcam.png`` (the figure) and ``<stem>_shapcam.npz`` (the maps and
-the record) in the output folder. Files are written to a temporary name and renamed, so an
+Every sample gets ``<key>_shapcam.png`` (the figure, unless figures are off) and
+``<key>_shapcam.npz`` (the maps and the record) in the output folder, where the key is the
+sample's unique name (its file stem, numbered when stems repeat; see
+:class:`shapcam_ext.cli.datasets.Sample`). Files are written to a temporary name and renamed, so an
 interrupted run never leaves a half-written output behind.
 """
 from __future__ import annotations
@@ -12,7 +14,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -20,19 +22,23 @@ import torch
 from shapcam_ext.cli.errors import CommandError
 from shapcam_ext.engine import ShapleyResult
 
-__all__ = ["Outputs", "check_out_folder", "plan_outputs", "write_figure", "write_maps"]
+__all__ = ["Outputs", "check_out_folder", "plan_outputs", "write_array", "write_figure", "write_maps"]
 
 
 @dataclass(frozen=True)
 class Outputs:
-    """The files one image's explanation writes."""
+    """The files one image's explanation writes (no figure: ``png`` is None)."""
 
-    png: Path
+    png: Optional[Path]
     npz: Path
+
+    def files(self) -> list[Path]:
+        """The files to write."""
+        return [path for path in (self.png, self.npz) if path is not None]
 
     def existing(self) -> list[Path]:
         """Those of the files that are already there."""
-        return [path for path in (self.png, self.npz) if path.exists()]
+        return [path for path in self.files() if path.exists()]
 
 
 def check_out_folder(out: Path) -> None:
@@ -53,17 +59,9 @@ def check_out_folder(out: Path) -> None:
         raise CommandError(f"--out {out}: no permission to write in {nearest}; pass a folder you can write to")
 
 
-def plan_outputs(images: Sequence[Path], out: Path) -> list[Outputs]:
-    """The outputs of each image, in order; images that share a stem get numbered names."""
-    taken: set = set()
-    planned = []
-    for image in images:
-        base, number = f"{image.stem}_shapcam", 1
-        while base in taken:
-            base, number = f"{image.stem}_shapcam_{number}", number + 1
-        taken.add(base)
-        planned.append(Outputs(out / f"{base}.png", out / f"{base}.npz"))
-    return planned
+def plan_outputs(keys: Sequence[str], out: Path, figures: bool = True) -> list[Outputs]:
+    """The outputs of each sample, in order, from the samples' unique keys; no PNG without ``figures``."""
+    return [Outputs(out / f"{key}_shapcam.png" if figures else None, out / f"{key}_shapcam.npz") for key in keys]
 
 
 def _write_atomically(path: Path, write: Callable[[io.BufferedWriter], None]) -> None:
@@ -82,6 +80,11 @@ def _write_atomically(path: Path, write: Callable[[io.BufferedWriter], None]) ->
 def write_figure(figure, path: Path, dpi: int = 110) -> None:
     """Save a matplotlib figure as the PNG ``path``."""
     _write_atomically(path, lambda file: figure.savefig(file, format="png", dpi=dpi, facecolor="white"))
+
+
+def write_array(path: Path, array: np.ndarray) -> None:
+    """Save one array as the ``.npz`` file ``path`` (key ``map``), compressed."""
+    _write_atomically(path, lambda file: np.savez_compressed(file, map=array))
 
 
 def write_maps(path: Path, result: ShapleyResult, cam: np.ndarray, record: dict) -> None:

@@ -4,7 +4,7 @@ With ``--json`` each record is one line of JSON (JSON Lines), so an interrupted 
 still leaves a valid stream of what finished; otherwise it is a short text block. Every record
 has the keys ``schema_version``, ``status`` (``"explained"``, ``"kept"`` or ``"failed"``),
 ``image``, ``png``, ``npz`` and ``error``; an explained image's record adds the model, layer,
-target, top-5 classes, the run's figures and the signed map (see ``explain.explain_image``).
+target, top-5 classes, the run's figures and the signed map (see ``explain.explained_record``).
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def new_record(status: str, image: Path, outputs: Optional[Outputs] = None, erro
     """
     return {
         "schema_version": SCHEMA_VERSION, "status": status, "image": str(image),
-        "png": str(outputs.png) if outputs else None, "npz": str(outputs.npz) if outputs else None,
+        "png": str(outputs.png) if outputs and outputs.png else None, "npz": str(outputs.npz) if outputs else None,
         "error": error, **fields,
     }
 
@@ -45,7 +45,8 @@ def _as_text(record: dict, position: str) -> str:
     if record["status"] == "failed":
         return "\n".join(lines + [f"  failed   {record['error']}"])
     if record["status"] == "kept":
-        kept = f"  kept     {record['png']} and {record['npz']} (already there; --overwrite recomputes)"
+        files = " and ".join(record[kind] for kind in ("png", "npz") if record[kind])
+        kept = f"  kept     {files} (already there; --overwrite recomputes)"
         return "\n".join(lines + [kept])
     for rank, entry in enumerate(record["top5"]):
         lines.append(f"  {'top-5' if rank == 0 else '':8} {entry['probability']:6.1%}  {entry['name']}")
@@ -59,7 +60,7 @@ def _as_text(record: dict, position: str) -> str:
     if record["compare"]:
         times = ", ".join(f"{method} {entry['seconds']:.1f} s" for method, entry in record["compare"].items())
         lines.append(f"  compare  {times}")
-    lines.append(f"  saved    {record['png']}, {record['npz']}")
+    lines.append(f"  saved    {', '.join(record[kind] for kind in ('png', 'npz') if record[kind])}")
     return "\n".join(lines)
 
 

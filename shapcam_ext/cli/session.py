@@ -75,7 +75,7 @@ def open_session(args: argparse.Namespace) -> Session:
         cam = shapcam_ext.ShapCAM(
             model, [layer],
             n_permutations=args.permutations or (DEFAULT_PERMUTATION_CAP if args.tolerance else DEFAULT_PERMUTATIONS),
-            tolerance=args.tolerance, antithetic=args.antithetic, seed=args.seed,
+            tolerance=args.tolerance, design=args.design, antithetic=args.antithetic, seed=args.seed,
             progress=sys.stderr.isatty() and not args.quiet,
         )
         require_feature_map(args.model, model, layer, preprocess.input_size)
@@ -83,7 +83,7 @@ def open_session(args: argparse.Namespace) -> Session:
             n_classes = model(torch.zeros(1, 3, *preprocess.input_size, device=device)).shape[-1]
     except IMAGE_ERRORS as err:
         raise CommandError(f"model {args.model!r}: {err}") from err
-    if args.target is not None and args.target >= n_classes:
+    if isinstance(args.target, int) and args.target >= n_classes:
         raise CommandError(f"--target {args.target}: {args.model} has {n_classes} classes (0 to {n_classes - 1})")
     class_names = imagenet_classes() if n_classes == 1000 else None
     return Session(args, model, preprocess, layer, cam, class_names, n_classes, device)
