@@ -47,19 +47,14 @@ from bench_scenarios import (ROOT, captum_shapley, fmt, lite0, permutations, pri
                              rel_error, spatial_keep, time_to_goal, timed)
 
 from shapcam_ext import ShapCAM, backend_info  # noqa: E402  (bench_scenarios puts the checkout first)
-from shapcam_ext.engine import SamplingConfig  # noqa: E402
 from shapcam_ext.head import split_model  # noqa: E402
 from shapcam_ext.targets import ClassifierOutputSoftmaxTarget  # noqa: E402
 
 GOALS = (0.02, 0.01)
-HAS_DESIGN = "design" in {f.name for f in dataclasses.fields(SamplingConfig)}
 # (label, ShapCAM keywords); the default passes none
 DESIGNS = [("latin antithetic", {"design": "latin", "antithetic": True}),
            ("iid antithetic", {"design": "iid", "antithetic": True}),
            ("iid", {"design": "iid", "antithetic": False})]
-if not HAS_DESIGN:  # until the design lands: today's stream is iid
-    DESIGNS = [(label, {"antithetic": kw["antithetic"]}) for label, kw in DESIGNS if kw["design"] == "iid"]
-IID = {"design": "iid"} if HAS_DESIGN else {}
 HEAD_ROWS = 1024  # head evaluations per batch (the plain loop's and the shapiq game's)
 
 
@@ -285,12 +280,11 @@ def run_game(name: str, plan: Plan, model, x, seeds_override: Optional[int]) -> 
 
     reference, ref_info = None, None
     if plan.reference_k:
-        design = {"design": "latin"} if HAS_DESIGN else {}
         ref_s, ref = timed(lambda: ShapCAM(model, [plan.layer], n_permutations=plan.reference_k, seed=10**6,
-                                           **design, **g).explain(x, target)[0], "cpu")
+                                           design="latin", **g).explain(x, target)[0], "cpu")
         reference = ref.shapley
         own = float(ref.std_error.square().sum().sqrt() / reference.norm())
-        ref_info = {"k": ref.n_permutations, "design": design.get("design", "iid") + " antithetic",
+        ref_info = {"k": ref.n_permutations, "design": "latin antithetic",
                     "path": ref.path, "seconds": ref_s, "own_error_estimate": own,
                     "how": "sqrt(sum std_error^2) / ||phi||", "efficiency_gap": ref.efficiency_gap}
         print(f"  reference: K = {ref.n_permutations} {ref_info['design']}, {ref.path}, {fmt(ref_s)}, own error "
@@ -321,7 +315,7 @@ def run_game(name: str, plan: Plan, model, x, seeds_override: Optional[int]) -> 
         methods["plain loop (iid antithetic)"] = ladder(
             "plain loop (iid antithetic)",
             lambda k, s: (pytorch_loop(lambda v: split.trunk(v).activation, split.head, x, category,
-                                       permutations(n, k, s, **IID), HEAD_ROWS, plan.group_size),
+                                       permutations(n, k, s, "iid"), HEAD_ROWS, plan.group_size),
                           evaluations(k, n), {}),
             plan.loop, slow_seeds, n, reference)
     if plan.captum:
@@ -549,7 +543,6 @@ def main() -> None:
                     "torch": torch.__version__, "backend": backend_info()["backend"],
                     "load_average_start": os.getloadavg()},
         "shapiq": importlib.metadata.version("shapiq"), "quick": args.quick,
-        "design_available": HAS_DESIGN,
         "conventions": ("Worth evaluations: distinct coalitions per image, K * (n - 1) + 2 for K permutations "
                         "(empty and full shared; Captum's and the plain loop's too); for shapiq, the budget "
                         "passed to approximate() (game_rows in the JSON: the rows it asked for); for Leverage "
@@ -559,7 +552,7 @@ def main() -> None:
                         "last rung a figure is extrapolated (error ~ evaluations^-1/2) and never counts as met."),
         "games": {},
     }
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), design available: {HAS_DESIGN}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
     for name in args.games:
         result = run_game(name, plans[name], model, x, args.seeds)
         judge(name, result)

@@ -75,12 +75,9 @@ def rel_error(estimate: torch.Tensor, reference: torch.Tensor) -> float:
     return float((estimate - reference).norm() / reference.norm())
 
 
-def permutations(n: int, k: int, seed: int, **design) -> torch.Tensor:
-    """The engine's permutations for this seed (antithetic pairs), so every method can share them.
-
-    ``design``: PermutationStream's design keyword where this build has one (e.g. design="iid").
-    """
-    return PermutationStream(n, True, seed, "cpu", **design).take(k)
+def permutations(n: int, k: int, seed: int, design: str = "latin") -> torch.Tensor:
+    """The engine's permutations for this seed and design (antithetic), so every method can share them."""
+    return PermutationStream(n, True, seed, "cpu", design, total=k).take(k)
 
 
 def spatial_keep(keep: torch.Tensor, h: int, w: int, group_size: int = 1) -> torch.Tensor:
