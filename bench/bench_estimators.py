@@ -30,12 +30,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.metadata
+import itertools
 import json
 import math
 import os
 import platform
 import statistics
-import time
 import warnings
 from pathlib import Path
 from typing import Callable, Optional
@@ -91,9 +91,9 @@ GAMES = {
                      note="n = 196 and every path costs about 1 s per permutation on this machine: no "
                           "converged reference is affordable, so only the cost per permutation is measured"),
     "blocks.4-g2": Plan("blocks.4", group_size=2, fast=[4], loop=[4], seeds=1, slow_seeds=1,
-                        note="grouped players have no fast path (every row runs the generic path) and cost "
-                             "about 0.5 s per permutation: no converged reference is affordable, so only the "
-                             "cost per permutation is measured"),
+                        note="grouped players have no fast path (every row runs the generic path), whose cost "
+                             "per permutation (below) puts a converged reference out of reach: only the cost "
+                             "per permutation is measured"),
 }
 QUICK = {
     "bn2": Plan("bn2", reference_k=4000, fast=[32, 128], generic=[16], loop=[16], captum=[16], shapiq=[16],
@@ -182,8 +182,7 @@ def leverage_shap(game: HeadGame, budget: int, seed: int) -> np.ndarray:
         if count == 0:
             continue
         if count == math.comb(n, s) and count <= 4096:
-            from itertools import combinations
-            chosen = [np.isin(np.arange(n), c) for c in combinations(range(n), s)]
+            chosen = [np.isin(np.arange(n), c) for c in itertools.combinations(range(n), s)]
         else:
             seen: dict = {}
             while len(seen) < count:
@@ -343,7 +342,8 @@ def run_game(name: str, plan: Plan, model, x, seeds_override: Optional[int]) -> 
         methods["Leverage SHAP (ours, paired)"] = ladder("Leverage SHAP (ours, paired)", lev, plan.shapiq,
                                                          shapiq_seeds, n, reference)
     return {"layer": plan.layer, "group_size": plan.group_size, "n": n, "category": category, "note": plan.note,
-            "seeds": seeds, "slow_seeds": slow_seeds, "shapiq_seeds": shapiq_seeds, "reference": ref_info, "gradcam_seconds": gradcam_s,
+            "seeds": seeds, "slow_seeds": slow_seeds, "shapiq_seeds": shapiq_seeds, "reference": ref_info,
+            "gradcam_seconds": gradcam_s,
             "value_empty": game.empty, "value_full": game.full, "ladders": methods}
 
 
@@ -485,7 +485,8 @@ def markdown(results: dict) -> str:
              f"Machine: {results['machine']['cpu']}, {results['machine']['cpu_count']} cores, torch "
              f"{results['machine']['torch']}, {results['machine']['threads']} thread(s), ops "
              f"{results['machine']['backend']}; shapiq {results['shapiq']}. Load average at start "
-             f"{results['machine']['load_average_start'][0]:.1f}, at end {results['machine']['load_average_end'][0]:.1f}"
+             f"{results['machine']['load_average_start'][0]:.1f}, at end "
+             f"{results['machine']['load_average_end'][0]:.1f}"
              " (the machine is shared: absolute times are noisy, ratios within a game share one run).", "",
              results["conventions"], ""]
     for name, result in results["games"].items():
@@ -496,7 +497,8 @@ def markdown(results: dict) -> str:
         if result["note"]:
             lines += [f"Note: {result['note']}.", ""]
         if ref:
-            lines += [f"Reference: K = {ref['k']} {ref['design']} ({ref['path']}), own error ~{ref['own_error_estimate']:.2%}"
+            lines += [f"Reference: K = {ref['k']} {ref['design']} ({ref['path']}), own error "
+                      f"~{ref['own_error_estimate']:.2%}"
                       f" ({ref['how']}). Seeds: {len(result['seeds'])} on the fast path, "
                       f"{len(result.get('shapiq_seeds', result['slow_seeds']))} for shapiq and Leverage SHAP, "
                       f"{len(result['slow_seeds'])} elsewhere.", ""]
