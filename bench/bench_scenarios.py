@@ -76,8 +76,10 @@ def rel_error(estimate: torch.Tensor, reference: torch.Tensor) -> float:
 
 
 def permutations(n: int, k: int, seed: int, design: str = "latin") -> torch.Tensor:
-    """The engine's permutations for this seed and design (antithetic), so every method can share them."""
-    return PermutationStream(n, True, seed, "cpu", design, total=k).take(k)
+    """The engine's permutations for this seed and design (antithetic), so every method can share them:
+    K rounded up to whole units, as the engine rounds it."""
+    stream = PermutationStream(n, True, seed, "cpu", design, total=k)
+    return stream.take(-(-k // stream.unit_size) * stream.unit_size)
 
 
 def spatial_keep(keep: torch.Tensor, h: int, w: int, group_size: int = 1) -> torch.Tensor:
@@ -456,7 +458,7 @@ def main() -> None:
     json_path.write_text(json.dumps(results, indent=2, default=float))
     png_path = args.out / f"error_vs_time_{suffix}.png"
     plot(results, png_path)
-    print(f"\nwrote {json_path.relative_to(ROOT)} and {png_path.relative_to(ROOT)}")
+    print(f"\nwrote {json_path} and {png_path}")
 
 
 if __name__ == "__main__":
