@@ -102,7 +102,6 @@ def tiny_head_model() -> nn.Module:
 def test_incremental_walks_match_exact_enumeration(strategy):
     model = tiny_head_model()
     x = torch.randn(1, 3, 2, 4)
-    result = ShapCAM(model, [model.stem], exact=True).explain(x, [ClassifierOutputSoftmaxTarget(2)])[0]
     act = model.stem(x)
 
     def worth(members):
@@ -110,8 +109,14 @@ def test_incremental_walks_match_exact_enumeration(strategy):
         y = model.b(model.a(masked)) + masked
         return model.fc(torch.tanh(model.c(y)).mean((2, 3))).softmax(-1)[:, 2]
 
+    with numerics.LogitScale(model.fc) as scale, torch.no_grad():
+        result = ShapCAM(model, [model.stem], exact=True).explain(x, [ClassifierOutputSoftmaxTarget(2)])[0]
+        expected = exact_shapley(worth, 8)
     assert result.path == WALKS[strategy]
-    torch.testing.assert_close(result.shapley.flatten(), exact_shapley(worth, 8), atol=1e-7, rtol=1e-5)
+    # each side within map_error of the exact values
+    value_error = numerics.model_value_error(scale, model, model.stem, 8)
+    numerics.assert_within(result.shapley.flatten(), expected, 2 * numerics.map_error(value_error),
+                           f"{result.path} walk against exact enumeration")
 
 
 class Geometry(nn.Module):
@@ -145,22 +150,22 @@ def test_any_convolution_geometry_is_walked_exactly(kernel, stride, padding, dil
             assume(False)
     original, available = incremental.choose, []
     incremental.choose = lambda costs: available.append(walk in costs) or (walk if walk in costs else original(costs))
-    try:
-        fast = ShapCAM(model, [model.stem], n_permutations=4, seed=3).explain(x, [ClassTarget(0, softmax=False)])[0]
-    finally:
-        incremental.choose = original
-    generic = ShapCAM(model, [model.stem], n_permutations=4, seed=3, fast_path=False).explain(
-        x, [ClassTarget(0, softmax=False)])[0]
+    with numerics.LogitScale(model.head[2]) as scale:
+        try:
+            fast = ShapCAM(model, [model.stem], n_permutations=4, seed=3).explain(x, [ClassTarget(0, softmax=False)])[0]
+        finally:
+            incremental.choose = original
+        generic = ShapCAM(model, [model.stem], n_permutations=4, seed=3, fast_path=False).explain(
+            x, [ClassTarget(0, softmax=False)])[0]
     if not same_pad and kernel == stride == (1, 1) and padding == (0, 0):
         assert fast.path == "pooled-linear"  # position-wise after all
     elif available[0]:  # else the table's footprints are too large: another path, still exact
         assert fast.path == WALKS[walk]
-    # float32: both paths compute each worth to a few ulps of the worths' scale (these heads have three
-    # layers of fan-in <= 64), so the means of K marginals agree to 1e-6 of it; a wrong box or index
-    # moves a marginal by the size of the map itself, which is checked to be far above that
-    scale = max(abs(generic.value_full), abs(generic.value_empty))
-    assume(float(generic.shapley.abs().max()) > 100 * 1e-6 * scale)  # else the map is too faint to compare
-    torch.testing.assert_close(fast.shapley, generic.shapley, rtol=0, atol=1e-6 * scale)
+    # Both paths compute each worth (a logit) within the rounding bound of tests/numerics.py; a wrong
+    # box or index moves a marginal by the size of the map itself, checked to be far above it.
+    bound = 2 * numerics.map_error(numerics.model_value_error(scale, model, model.stem, fast.shapley.numel(), "logit"))
+    assume(float(generic.shapley.abs().max()) > 100 * bound)  # else the map is too faint to compare
+    numerics.assert_within(fast.shapley, generic.shapley, bound, f"{fast.path} walk against the generic path")
 
 
 def choice(model, layer, permutations, size=224) -> tuple[list, str]:
@@ -192,16 +197,23 @@ def test_chunks_and_memory_budget_do_not_change_the_maps(strategy):
     model = calibrated("resnet18")
     torch.manual_seed(6)
     x = torch.randn(2, 3, 96, 96)
-    whole = ShapCAM(model, ["layer4.1.conv1"], **SETTINGS).explain(x)
-    chunked = ShapCAM(model, ["layer4.1.conv1"], **{**SETTINGS, "batch_size": 1}).explain(x)
-    budget = 16 << 20  # the table (2 images x 833 rows x (512 + 1000) floats) is 10 MB
-    with LargestAllocation() as largest:
-        small = ShapCAM(model, ["layer4.1.conv1"], n_permutations=6, memory_budget=budget).explain(x)
+    layer = "layer4.1.conv1"
+    # The generic path runs the head's Linear on every coalition, so the scale records them all.
+    with numerics.LogitScale(numerics.final_linear(model)) as scale:
+        ShapCAM(model, [layer], fast_path=False, **SETTINGS).explain(x)
+        whole = ShapCAM(model, [layer], **SETTINGS).explain(x)
+        chunked = ShapCAM(model, [layer], **{**SETTINGS, "batch_size": 1}).explain(x)
+        budget = 16 << 20  # the table (2 images x 833 rows x (512 + 1000) floats) is 10 MB
+        with LargestAllocation() as largest:
+            small = ShapCAM(model, [layer], n_permutations=6, memory_budget=budget).explain(x)
     assert largest.bytes <= budget
+    # Chunks change the shapes of the GEMMs, and so the order of the roundings: each run is within
+    # map_error of the exact map, so two runs are within twice that of each other.
+    bound = 2 * numerics.map_error(numerics.model_value_error(scale, model, layer, whole[0].shapley.numel()))
     for w, c, s in zip(whole, chunked, small):
         assert w.path == c.path == s.path == WALKS[strategy]
-        for other in (c, s):
-            torch.testing.assert_close(other.shapley, w.shapley, rtol=0, atol=1e-6 * float(w.shapley.abs().max()))
+        for other, what in ((c, "one head evaluation per chunk"), (s, "a 16 MiB budget")):
+            numerics.assert_within(other.shapley, w.shapley, bound, f"{what} against one chunk")
 
 
 class LargestAllocation(TorchDispatchMode):
