@@ -2,12 +2,13 @@
 
 A stream hands out permutations of the n players as they are needed, on the device where they are
 used, never all at once, so memory does not grow with the number of permutations. Draws happen
-in blocks of a fixed size that depends only on n: the sequence is the same however it is
-consumed (in one chunk or many, with or without a tolerance), so a seed fixes the maps.
+in blocks of a fixed size that depends only on n and the settings: the sequence is the same
+however it is consumed (in one chunk or many, with or without a tolerance), so a seed fixes the
+maps.
 
 Each stream has a ``unit_size``: its permutations come in independent units of that many
-consecutive rows (an order and its reverse for antithetic sampling). Standard errors are
-computed over units, never over the correlated rows inside one.
+consecutive rows (a Latin block, an order and its reverse for antithetic sampling). Standard
+errors are computed over units, never over the correlated rows inside one.
 """
 from __future__ import annotations
 
@@ -21,8 +22,6 @@ from shapcam_ext.statistics import MIN_UNITS_TO_STOP
 
 MAX_EXACT_PLAYERS = 8  # 8! = 40320 orders
 _DRAW_ELEMENTS = 1 << 20  # elements per draw: bounds the stream's own memory
-
-
 DESIGNS = ("latin", "iid")
 MAX_BLOCK_ROWS = 64  # keeps a unit (2 x 64 orders) small next to a run, for the stop checks
 
@@ -32,7 +31,8 @@ def latin_block_rows(n: int, rows: int) -> int:
     antithetic reverses). At most n, :data:`MAX_BLOCK_ROWS`, and few enough to leave
     :data:`~shapcam_ext.statistics.MIN_UNITS_TO_STOP` blocks, so that standard errors (computed
     over blocks) and the tolerance stop have enough of them. Within that cap, m = ceil(n / g) for
-    the fewest groups g: the strata then hold g or g - 1 players, and stay even to within one."""
+    the fewest groups g: the strata then hold g players, or g - 1 for the g m - n < g strata that
+    hold padding, so they stay nearly even."""
     cap = max(1, min(n, MAX_BLOCK_ROWS, rows // MIN_UNITS_TO_STOP))
     return -(-n // -(-n // cap))
 
