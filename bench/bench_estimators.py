@@ -568,8 +568,8 @@ PAIRS_METHOD = (
     "it has few strata; its c at the K of the goal (more strata) is expected to be smaller, so the ratio "
     "measured at small K is expected to be conservative (bn2 below shows the ratio at two K; bn2's "
     "ladder above compares each design at its own K to 2%, between rungs where the latin design has 4 and "
-    "7 strata). For the same reason the latin K to 2% holds for the block size of the K measured: extrapolated upwards it is "
-    "an overestimate, downwards (bn2 at K = 1078) an underestimate.")
+    "7 strata). For the same reason the latin K to 2% holds for the block size of the K measured: "
+    "extrapolated upwards it is an overestimate, downwards (bn2 at K = 1078) an underestimate.")
 
 
 def pair_runs(model, x, target, layer: str, group_size: int, k: int, seeds: list[int],
