@@ -20,7 +20,18 @@ permutations of one image (the empty and full coalitions are shared); shapiq's b
 approximators (the rows its game was asked for are recorded too). Time and evaluations to a
 goal are interpolated on the error-vs-evaluations ladder (bench_scenarios.time_to_goal).
 
+Without a reference (``--pairs``; blocks.4 and blocks.4-g2, and bn2 as the method's cross-check
+against its reference): the mean squared error at K permutations of each design is estimated from
+runs with independent seeds, E||phi_a - phi_b||^2 = 2 sum_i Var(phi_hat_i) = 2 MSE(K) for an
+unbiased estimator, and with MSE ~ c / K for both designs the ratio of worth evaluations at equal
+error is MSE_iid(K) / MSE_latin(K) at equal actual K (PAIRS_METHOD has the details: uncertainty
+by jackknife over seeds, relative error, the K to 2% extrapolated, the latin design's strata at
+small K). blocks.4's 2x goal is judged from it. Stored under "pairs" in the JSON (the rest kept;
+a full run keeps it too).
+
     python bench/bench_estimators.py [--quick] [--games bn2 blocks.5 blocks.4 blocks.4-g2] [--seeds N]
+    python bench/bench_estimators.py --pairs [--quick] [--games bn2 blocks.4 blocks.4-g2] [--seeds N]
+    python bench/bench_estimators.py --render bench/results/estimators_cpu.json
 
 Run with OMP_NUM_THREADS=1 on a shared machine (torch uses one thread, recorded in the JSON).
 Prints tables; writes bench/results/estimators_cpu.json and estimators_cpu.md (_quick with --quick).
@@ -48,6 +59,7 @@ from bench_scenarios import (ROOT, captum_shapley, fmt, lite0, permutations, pri
 
 from shapcam_ext import ShapCAM, backend_info  # noqa: E402  (bench_scenarios puts the checkout first)
 from shapcam_ext.head import split_model  # noqa: E402
+from shapcam_ext.sampling import latin_block_rows  # noqa: E402
 from shapcam_ext.targets import ClassifierOutputSoftmaxTarget  # noqa: E402
 
 GOALS = (0.02, 0.01)
@@ -257,6 +269,20 @@ def ladder(label: str, run: Callable[[int, int], tuple], ks: list[int], seeds: l
     return points
 
 
+def reference_map(model, x, target, layer: str, k: int, g: dict) -> tuple:
+    """(converged map, its description): K permutations of the latin antithetic design, seed 10**6."""
+    ref_s, ref = timed(lambda: ShapCAM(model, [layer], n_permutations=k, seed=10**6, design="latin",
+                                       **g).explain(x, target)[0], "cpu")
+    reference = ref.shapley
+    own = float(ref.std_error.square().sum().sqrt() / reference.norm())
+    ref_info = {"k": ref.n_permutations, "design": "latin antithetic",
+                "path": ref.path, "seconds": ref_s, "own_error_estimate": own, "norm": float(reference.norm()),
+                "how": "sqrt(sum std_error^2) / ||phi||", "efficiency_gap": ref.efficiency_gap}
+    print(f"  reference: K = {ref.n_permutations} {ref_info['design']}, {ref.path}, {fmt(ref_s)}, own error "
+          f"~{own:.2%}", flush=True)
+    return reference, ref_info
+
+
 def run_game(name: str, plan: Plan, model, x, seeds_override: Optional[int]) -> dict:
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget as GradCAMTarget
@@ -277,17 +303,8 @@ def run_game(name: str, plan: Plan, model, x, seeds_override: Optional[int]) -> 
     gradcam(input_tensor=x, targets=[GradCAMTarget(category)])  # warm-up
     gradcam_s, _ = timed(lambda: gradcam(input_tensor=x, targets=[GradCAMTarget(category)]), "cpu", 7)
 
-    reference, ref_info = None, None
-    if plan.reference_k:
-        ref_s, ref = timed(lambda: ShapCAM(model, [plan.layer], n_permutations=plan.reference_k, seed=10**6,
-                                           design="latin", **g).explain(x, target)[0], "cpu")
-        reference = ref.shapley
-        own = float(ref.std_error.square().sum().sqrt() / reference.norm())
-        ref_info = {"k": ref.n_permutations, "design": "latin antithetic",
-                    "path": ref.path, "seconds": ref_s, "own_error_estimate": own,
-                    "how": "sqrt(sum std_error^2) / ||phi||", "efficiency_gap": ref.efficiency_gap}
-        print(f"  reference: K = {ref.n_permutations} {ref_info['design']}, {ref.path}, {fmt(ref_s)}, own error "
-              f"~{own:.2%}", flush=True)
+    reference, ref_info = (reference_map(model, x, target, plan.layer, plan.reference_k, g)
+                           if plan.reference_k else (None, None))
 
     cams: dict = {}
 
@@ -424,12 +441,18 @@ def goals(name: str, result: dict, found: dict) -> list[tuple]:
     return lines
 
 
-def judge(name: str, result: dict) -> None:
-    """Adds the goals reached (``reach``) and the issue's verdicts (``goals``) to a game's result."""
+def judge(name: str, result: dict, paired: Optional[dict] = None) -> None:
+    """Adds the goals reached (``reach``) and the issue's verdicts (``goals``) to a game's result;
+    without a reference, blocks.4's 2x goal is judged from its pairs of seeds (``paired``) if run."""
     result["reach"] = reach(result) if result["reference"] else {}
-    result["goals"] = goals(name, result, result["reach"]) if result["reference"] else [
-        (f"{name}: default reaches 2% with >= 2x fewer evaluations than iid antithetic", None,
-         "not measured: " + result["note"])] if name == "blocks.4" else []
+    if result["reference"]:
+        result["goals"] = goals(name, result, result["reach"])
+    elif name == "blocks.4":
+        result["goals"] = [pairs_goal(name, paired) if paired else (
+            f"{name}: default reaches 2% with >= 2x fewer evaluations than iid antithetic", None,
+            "not measured: " + result["note"])]
+    else:
+        result["goals"] = []
 
 
 def verdict(passed) -> str:
@@ -517,7 +540,193 @@ def markdown(results: dict) -> str:
                       f"v(N) - v(empty) = {result['value_full'] - result['value_empty']:.4f} (the permutation "
                       "rows are efficient by construction): "
                       + "; ".join(f"{label} {gap:.1e}" for label, gap in gaps.items()) + ".", ""]
+    if results.get("pairs"):
+        lines += pairs_markdown(results["pairs"])
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------ pairs of seeds (no reference)
+
+PAIR_DESIGNS = DESIGNS[:2]  # latin antithetic (the default) and iid antithetic
+# game: (K per rung, seeds per design). K is the latin design's actual K (whole blocks), which the iid
+# design then runs too. bn2 has a converged reference: the cross-check of the method.
+PAIRS = {"bn2": ([128, 1024], 16), "blocks.4": ([128], 4), "blocks.4-g2": ([260], 4)}
+PAIRS_QUICK = {"bn2": ([128], 4), "blocks.4": ([16], 3), "blocks.4-g2": ([26], 3)}
+PAIRS_METHOD = (
+    "No converged reference is needed: for an unbiased estimator phi_hat at K permutations, two runs a and b "
+    "with independent seeds give E||phi_a - phi_b||^2 = 2 sum_i Var(phi_hat_i) = 2 MSE(K). With S seeds per "
+    "design, MSE is estimated by the sum over players of the sample variance over seeds (the mean of "
+    "||phi_a - phi_b||^2 / 2 over all S(S-1)/2 pairs; S/2 of the pairs are independent). As MSE ~ c/K for "
+    "both designs at a fixed block size, the ratio of worth evaluations at equal error is MSE_iid(K) / "
+    "MSE_latin(K) at the same actual K (the latin design's K, whole blocks, which iid antithetic runs too). "
+    "Uncertainty: jackknife over the seeds of both designs (leave one run out), on log(ratio); the range "
+    "shown is ratio x exp(+-2 SE). Cross-check from inside each run: the engine's standard errors over "
+    "units (Latin blocks, antithetic pairs), MSE_units = mean over runs of sum_i std_error_i^2. Relative "
+    "error: sqrt(MSE / ||phi||^2), ||phi||^2 estimated as ||mean over seeds||^2 - MSE/S pooled over the "
+    "designs; the K each design needs for 2% is K (rel_err / 0.02)^2, extrapolated (not run). Caveat: the "
+    "latin design sizes its blocks by K (m = strata per block, sampling.latin_block_rows), so at small K "
+    "it has few strata; its c at the K of the goal (more strata) is expected to be smaller, so the ratio "
+    "measured at small K is expected to be conservative (bn2 below shows the ratio at two K; bn2's "
+    "ladder above compares each design at its own K to 2%, between rungs where the latin design has 4 and "
+    "7 strata). For the same reason the latin K to 2% holds for the block size of the K measured: "
+    "extrapolated upwards it is an overestimate, downwards (bn2 at K = 1078) an underestimate.")
+
+
+def pair_runs(model, x, target, layer: str, group_size: int, k: int, seeds: list[int],
+              reference: Optional[torch.Tensor]) -> dict:
+    """Both designs at the latin design's actual K for the requested ``k``: per run, the map, its
+    seconds, the engine's sum of squared standard errors and, with a reference, its squared error."""
+    g = {"group_size": group_size} if group_size > 1 else {}
+    runs: dict = {}
+    for label, kw in PAIR_DESIGNS:
+        cam = ShapCAM(model, [layer], n_permutations=2, seed=0, **kw, **g)
+        cam.explain(x, target)  # warm-up (tracing is set-up)
+        runs[label] = []
+        for seed in seeds:
+            cam.config.n_permutations, cam.config.seed = k, seed
+            seconds, r = timed(lambda: cam.explain(x, target)[0], "cpu")
+            phi = r.shapley.double().flatten()
+            run = {"seed": seed, "k": r.n_permutations, "seconds": seconds, "path": r.path,
+                   "se_sq_sum": float(r.std_error.double().square().sum()), "phi": phi.tolist()}
+            if reference is not None:
+                run["sq_error"] = float((phi - reference.double().flatten()).square().sum())
+            runs[label].append(run)
+            print(f"  {label:20s} K={r.n_permutations:5d} seed {seed:3d} {fmt(seconds):>10s}  "
+                  f"sum SE^2 {run['se_sq_sum']:.3e}" + (f"  sq error {run['sq_error']:.3e}" if reference is not None
+                                                         else ""), flush=True)
+        k = runs[label][0]["k"]  # latin first: the K the iid design runs
+    return {"k": k, "runs": runs}
+
+
+def run_pairs(name: str, ks: list[int], n_seeds: int, model, x) -> dict:
+    plan = GAMES[name]
+    with torch.no_grad():
+        category = int(model(x).argmax())
+    target = [ClassifierOutputSoftmaxTarget(category)]
+    g = {"group_size": plan.group_size} if plan.group_size > 1 else {}
+    print(f"\n== pairs of seeds, {name}: Lite0 {plan.layer}{' group_size=2' if g else ''}, class {category}",
+          flush=True)
+    reference, ref_info = (reference_map(model, x, target, plan.layer, plan.reference_k, g)
+                           if plan.reference_k else (None, None))
+    seeds = list(range(101, 101 + n_seeds))  # not the ladders' seeds
+    at = [pair_runs(model, x, target, plan.layer, plan.group_size, k, seeds, reference) for k in ks]
+    n = len(at[0]["runs"][PAIR_DESIGNS[0][0]][0]["phi"])
+    return {"layer": plan.layer, "group_size": plan.group_size, "n": n, "category": category, "seeds": seeds,
+            "reference": ref_info, "at": at}
+
+
+def jackknife_ratio(num: list, den: list, statistic: Callable[[list], float]) -> tuple:
+    """(statistic(num) / statistic(den), jackknife standard error of its log) over the runs of both."""
+    ratio = statistic(num) / statistic(den)
+    var = 0.0
+    for runs, top in ((num, True), (den, False)):
+        logs = [math.log(statistic(runs[:j] + runs[j + 1:])) for j in range(len(runs))]
+        mean = statistics.fmean(logs)
+        var += (len(runs) - 1) / len(runs) * sum((v - mean) ** 2 for v in logs)
+    return ratio, math.sqrt(var)
+
+
+def mse_pairs(runs: list) -> float:
+    """Sum over players of the sample variance over seeds: the mean over pairs of ||a - b||^2 / 2."""
+    return float(torch.tensor([r["phi"] for r in runs], dtype=torch.float64).var(0).sum())
+
+
+def mse_units(runs: list) -> float:
+    return statistics.fmean(r["se_sq_sum"] for r in runs)
+
+
+def mse_reference(runs: list) -> float:
+    return statistics.fmean(r["sq_error"] for r in runs)
+
+
+def pair_stats(game: dict) -> list[dict]:
+    """Per K: per design the MSE estimates, relative errors and extrapolated K to 2%; the ratios."""
+    out = []
+    for entry in game["at"]:
+        runs, k, n = entry["runs"], entry["k"], game["n"]
+        norm_sq = statistics.fmean(
+            float(torch.tensor([r["phi"] for r in rs], dtype=torch.float64).mean(0).square().sum())
+            - mse_pairs(rs) / len(rs) for rs in runs.values())
+        rows = {}
+        for label, rs in runs.items():
+            mse = mse_pairs(rs)
+            rel = math.sqrt(mse / norm_sq)
+            k2 = k * (rel / GOALS[0]) ** 2
+            rows[label] = {"k": k, "seeds": len(rs), "seconds": statistics.median(r["seconds"] for r in rs),
+                           "mse_pairs": mse, "mse_units": mse_units(rs), "rel_error": rel, "k_2%": k2,
+                           "evaluations_2%": evaluations(k2, n)}
+            if "sq_error" in rs[0]:
+                rows[label]["mse_reference"] = mse_reference(rs)
+                rows[label]["rel_error_reference"] = math.sqrt(mse_reference(rs)) / game["reference"]["norm"]
+        latin, iid = (runs[label] for label, _ in PAIR_DESIGNS)
+        ratios = {how: jackknife_ratio(iid, latin, f) for how, f in
+                  (("pairs", mse_pairs), ("units", mse_units), ("reference", mse_reference))
+                  if how != "reference" or "sq_error" in latin[0]}
+        out.append({"k": k, "norm_sq": norm_sq, "designs": rows, "ratios": ratios})
+    return out
+
+
+def ratio_text(ratio: float, se_log: float) -> str:
+    return f"{ratio:.2f}x (SE of log {se_log:.2f}; +-2 SE: {ratio * math.exp(-2 * se_log):.2f}x to " \
+           f"{ratio * math.exp(2 * se_log):.2f}x)"
+
+
+def pairs_goal(name: str, game: dict) -> tuple:
+    """The issue's 2x goal on a game without a reference, from the pairs at its largest K."""
+    last = pair_stats(game)[-1]
+    ratio, se = last["ratios"]["pairs"]
+    d2 = last["designs"][PAIR_DESIGNS[0][0]]
+    seeds = len(game["seeds"])
+    return (f"{name}: default reaches 2% with >= 2x fewer evaluations than iid antithetic", ratio >= 2,
+            f"MSE_iid / MSE_latin at equal K = {last['k']} from pairs of seeds ({seeds} seeds per design, "
+            f"{seeds // 2} independent pairs; no reference): {ratio_text(ratio, se)}; "
+            f"lower end {'>=' if ratio * math.exp(-2 * se) >= 2 else '<'} 2x. Latin blocks of "
+            f"{latin_block_rows(game['n'], last['k'] // 2)} strata at this K, of "
+            f"{latin_block_rows(game['n'], round(d2['k_2%']) // 2)} at the latin K to 2% (~{d2['k_2%']:.0f}, "
+            "extrapolated): the ratio there is expected higher (bn2's grows with the strata). "
+            "Method: section 'Without a reference' below")
+
+
+PAIRS_HEADER = ["design", "K", "seeds", "time (median)", "per permutation", "MSE pairs", "MSE units",
+                "MSE reference", "rel. error (pairs)", "K to 2% (extrapolated)", "evals to 2% (extrapolated)"]
+
+
+def pairs_markdown(pairs: dict) -> list[str]:
+    lines = ["## Without a reference: MSE from pairs of seeds", "", PAIRS_METHOD, ""]
+    for name, game in pairs["games"].items():
+        ref = game["reference"]
+        lines += [f"### {name}: Lite0 `{game['layer']}`" + (f", group_size={game['group_size']}"
+                                                            if game["group_size"] > 1 else "")
+                  + f", n = {game['n']}, seeds {game['seeds'][0]}..{game['seeds'][-1]}"
+                  + (f"; reference K = {ref['k']} latin antithetic, own error ~{ref['own_error_estimate']:.2%}"
+                     if ref else ""), "",
+                  f"Command: `{game['command']}`, {game['threads']} thread(s), load average at start "
+                  f"{game['load_average_start'][0]:.1f}, at end {game['load_average_end'][0]:.1f}.", "",
+                  "| " + " | ".join(PAIRS_HEADER) + " |", "|" + "---|" * len(PAIRS_HEADER)]
+        found = pair_stats(game)
+        for entry in found:
+            for label, d in entry["designs"].items():
+                lines.append("| " + " | ".join(str(c) for c in [
+                    label, d["k"], d["seeds"], fmt(d["seconds"]), fmt(d["seconds"] / d["k"]),
+                    f"{d['mse_pairs']:.3e}", f"{d['mse_units']:.3e}",
+                    f"{d['mse_reference']:.3e}" if "mse_reference" in d else "-",
+                    f"{d['rel_error']:.2%}" + (f" (reference: {d['rel_error_reference']:.2%})"
+                                               if "rel_error_reference" in d else ""),
+                    f"~{d['k_2%']:.0f}", f"~{d['evaluations_2%']:.0f}"]) + " |")
+        lines.append("")
+        for entry in found:
+            lines += [f"- K = {entry['k']}: evaluations ratio iid antithetic / latin antithetic at equal error, "
+                      f"MSE_{how}: {ratio_text(*r)}" for how, r in entry["ratios"].items()]
+        lines.append("")
+    return lines
+
+
+def render(path: Path) -> None:
+    """Rewrites the markdown of a saved run (its verdicts judged again) next to its JSON."""
+    saved = json.loads(path.read_text())
+    for name, result in saved["games"].items():
+        judge(name, result, saved.get("pairs", {}).get("games", {}).get(name))
+    path.with_suffix(".md").write_text(markdown(saved))
 
 
 def main() -> None:
@@ -526,16 +735,33 @@ def main() -> None:
     parser.add_argument("--games", nargs="+", default=list(GAMES), choices=list(GAMES))
     parser.add_argument("--seeds", type=int, default=None, help="seeds per rung (default: each game's plan)")
     parser.add_argument("--render", type=Path, metavar="JSON", help="only write the markdown of a saved run")
+    parser.add_argument("--pairs", action="store_true",
+                        help="only the games' MSE from pairs of seeds (no reference needed; games in PAIRS), "
+                             "stored under 'pairs' in the saved JSON, whose other results are kept")
     args = parser.parse_args()
     if args.render:
-        saved = json.loads(args.render.read_text())
-        for name, result in saved["games"].items():
-            judge(name, result)
-        args.render.with_suffix(".md").write_text(markdown(saved))
+        render(args.render)
         return
     warnings.filterwarnings("ignore", category=FutureWarning)
     plans = QUICK if args.quick else GAMES
+    suffix = "cpu_quick" if args.quick else "cpu"
+    out = ROOT / "bench" / "results"
     model, x = lite0("cpu")
+    if args.pairs:
+        path = out / f"estimators_{suffix}.json"
+        command = " ".join(["python", "bench/bench_estimators.py"] + os.sys.argv[1:])
+        for name in (g for g in args.games if g in PAIRS):
+            ks, n_seeds = (PAIRS_QUICK if args.quick else PAIRS)[name]
+            start = os.getloadavg()
+            game = run_pairs(name, ks, args.seeds or n_seeds, model, x)
+            game.update(command=command, threads=torch.get_num_threads(), load_average_start=start,
+                        load_average_end=os.getloadavg())
+            saved = json.loads(path.read_text())  # read again: another --pairs run may have written a game
+            saved.setdefault("pairs", {"games": {}})["games"][name] = game
+            path.write_text(json.dumps(saved, indent=1, default=float))
+        render(path)
+        print("\n".join(pairs_markdown(json.loads(path.read_text())["pairs"])))
+        return
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                platform.processor())
     results = {
@@ -554,10 +780,13 @@ def main() -> None:
                         "last rung a figure is extrapolated (error ~ evaluations^-1/2) and never counts as met."),
         "games": {},
     }
+    saved = out / f"estimators_{suffix}.json"
+    if saved.exists() and "pairs" in json.loads(saved.read_text()):  # kept: --pairs runs them
+        results["pairs"] = json.loads(saved.read_text())["pairs"]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
     for name in args.games:
         result = run_game(name, plans[name], model, x, args.seeds)
-        judge(name, result)
+        judge(name, result, results.get("pairs", {}).get("games", {}).get(name))
         results["games"][name] = result
         if result["reference"]:
             print_table(f"{name}: time and evaluations to 2% and 1%", HEADER, table_rows(result, result["reach"]))
@@ -567,8 +796,6 @@ def main() -> None:
         for goal, passed, figures in result["goals"]:
             print(f"  {verdict(passed)} {goal}: {figures}")
     results["machine"]["load_average_end"] = os.getloadavg()
-    suffix = "cpu_quick" if args.quick else "cpu"
-    out = ROOT / "bench" / "results"
     (out / f"estimators_{suffix}.json").write_text(json.dumps(results, indent=1, default=float))
     (out / f"estimators_{suffix}.md").write_text(markdown(results))
     print(f"\nwrote bench/results/estimators_{suffix}.json and .md")
