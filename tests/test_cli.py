@@ -337,8 +337,11 @@ def test_warnings_become_one_log_line_each_and_quiet_hides_them():
 
 def test_sigint_keeps_the_records_and_outputs_of_finished_images(chelsea, tmp_path):
     count = 40
-    command = [sys.executable, "-m", "shapcam_ext", "explain", *[str(chelsea)] * count, *FEW, "--json",
-               "--out", str(tmp_path)]
+    photos, out = tmp_path / "photos", tmp_path / "out"
+    photos.mkdir()
+    for i in range(count):  # distinct files: the same path given twice is explained once
+        shutil.copy(chelsea, photos / f"{i:02d}.png")
+    command = [sys.executable, "-m", "shapcam_ext", "explain", str(photos), *FEW, "--json", "--out", str(out)]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         first = process.stdout.readline()
@@ -350,11 +353,11 @@ def test_sigint_keeps_the_records_and_outputs_of_finished_images(chelsea, tmp_pa
     records = [json.loads(line) for line in (first + rest).splitlines()]
     assert 1 <= len(records) < count and all(record["status"] == "explained" for record in records)
     assert "Traceback" not in err and [line for line in err.splitlines() if line.startswith("error:")] == [
-        f"error: interrupted; the images that finished have their records above and their outputs in {tmp_path}"
+        f"error: interrupted; the images that finished have their records above and their outputs in {out}"
     ]
     # Every reported image has both its files. The interrupt may also land after an image's files
     # were written but before its record was printed: that image is complete too, and no file is partial.
-    written = {path.name for path in tmp_path.iterdir()}
+    written = {path.name for path in out.iterdir()}
     reported = {Path(record[kind]).name for record in records for kind in ("png", "npz")}
     pngs = {name for name in written if name.endswith(".png")}
     assert reported <= written and {name.replace(".png", ".npz") for name in pngs} == written - pngs
