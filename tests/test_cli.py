@@ -342,7 +342,10 @@ def test_sigint_keeps_the_records_and_outputs_of_finished_images(chelsea, tmp_pa
     for i in range(count):  # distinct files: the same path given twice is explained once
         shutil.copy(chelsea, photos / f"{i:02d}.png")
     command = [sys.executable, "-m", "shapcam_ext", "explain", str(photos), *FEW, "--json", "--out", str(out)]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A shell without job control starts background jobs with SIGINT ignored, and Python then never
+    # raises KeyboardInterrupt: give the child the default disposition, as a terminal would.
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         first = process.stdout.readline()
         process.send_signal(signal.SIGINT)
