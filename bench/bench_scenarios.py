@@ -300,7 +300,7 @@ def fast_stages(model, layer: str, x, targets, k: int, device: str, repeats: int
         perms = permutations(n, k, 1).to(x.device)
 
         def walk_all():
-            walk(perms, RunningEstimate(1, n, 2, x.device))
+            walk(perms, RunningEstimate(1, n, 1, x.device))  # timing only: any unit size dividing K
 
         walk_s, _ = timed(walk_all, device, repeats)
         total_s, _ = timed(lambda: cam.explain(x, targets), device, repeats)

@@ -204,15 +204,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=version_text())
     commands = parser.add_subparsers(dest="command", required=True, metavar="{explain,evaluate,info}")
 
-    explain = commands.add_parser(
-        "explain", parents=[chatter, model, data, methods],
+    def image_command(name: str, **text) -> argparse.ArgumentParser:
+        """explain and evaluate: the same options for the model, the data and the methods."""
+        return commands.add_parser(name, parents=[chatter, model, data, methods], epilog=EXAMPLES,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter, **text)
+
+    explain = image_command(
+        "explain",
         help="explain images; one PNG figure and one .npz of maps per image",
         description="Explain images with Shap-CAM. Without IMAGE arguments or --data, the photos bundled with "
                     "scikit-image, matplotlib and scikit-learn are explained. Per image it writes "
                     "<key>_shapcam.png (input, overlays, signed map) and <key>_shapcam.npz (shapley, "
                     "std_error, cam and the JSON record), where the key is the file's stem, and prints a "
                     "record on stdout.",
-        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     explain.add_argument("images", nargs="*", metavar="IMAGE", help="image files or folders of images")
     explain.add_argument("--compare", type=_names([m for m in METHODS if m != "shapcam"], "method"), default=[],
@@ -226,15 +230,14 @@ def build_parser() -> argparse.ArgumentParser:
                          help="print one JSON record per image (JSON Lines) instead of text")
     explain.set_defaults(run=run_explain)
 
-    evaluate = commands.add_parser(
-        "evaluate", parents=[chatter, model, data, methods],
+    evaluate = image_command(
+        "evaluate",
         help="score saliency methods with the paper's metrics; a table, JSON and a figure",
         description="Evaluate saliency methods as the Shap-CAM paper's section 4 does: Average Drop and "
                     "Increase in Confidence (Table 1), RISE's deletion and insertion areas, and the energy-based "
                     "pointing game on the data's boxes (Table 3). Without --data, the bundled photos are used. "
                     "Writes records.jsonl (one line per image and method), maps/ (each map, float16 .npz), "
                     "evaluation.json, evaluation.md and evaluation.png to --out, and prints the table.",
-        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     evaluate.add_argument("--methods", type=_names(METHODS, "method"), default=["gradcam", "gradcam++", "shapcam"],
                           metavar="METHODS", help=f"comma-separated, from {','.join(METHODS)} "
