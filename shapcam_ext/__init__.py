@@ -1,7 +1,8 @@
 """shapcam_ext: Shap-CAM visual explanations with compiled masking and scatter ops."""
 from shapcam_ext._backend import backend_info
 from shapcam_ext.cam import ShapCAM
-from shapcam_ext.engine import BatchError, SamplingConfig, ShapleyResult
+from shapcam_ext.config import SamplingConfig
+from shapcam_ext.engine import BatchError, ShapleyResult
 from shapcam_ext.ops import linear_walk_, masked_prefixes, scatter_marginals_
 from shapcam_ext.targets import ClassifierOutputSoftmaxTarget, ClassifierOutputTarget, ClassTarget
 

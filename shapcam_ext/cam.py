@@ -12,7 +12,8 @@ from typing import Any, Callable, List, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from shapcam_ext.engine import SamplingConfig, ShapleyEngine, ShapleyResult
+from shapcam_ext.config import SamplingConfig
+from shapcam_ext.engine import ShapleyEngine, ShapleyResult
 from shapcam_ext.head import split_model
 from shapcam_ext.model_state import eval_semantics
 from shapcam_ext.postprocess import scale_cam_image
@@ -35,15 +36,14 @@ class ShapCAM:
             players; several layers' maps are averaged as pytorch-grad-cam does.
         reshape_transform: maps a non-4-D activation (e.g. ViT tokens) to (B, C, h, w); it must
             only rearrange elements (pytorch-grad-cam's ViT and Swin transforms do).
-        n_permutations, design, antithetic, seed, tolerance, exact, baseline, group_size,
-        memory_budget, batch_size, fast_path: see :class:`shapcam_ext.engine.SamplingConfig`.
-            With ``group_size`` g, g x g positions form one player.
+        config: the sampling settings (:class:`shapcam_ext.SamplingConfig`); default: its defaults.
         head: the model from the target layer on, when it can't be extracted automatically.
         progress: show a progress bar over permutations.
+        **overrides: sampling settings changed from ``config`` (``n_permutations=1024, seed=3``...).
 
     Raises:
         ValueError / TypeError: target layers that are not a list of this model's modules or
-            names, bad sampling settings.
+            names, bad or unknown sampling settings.
     """
 
     def __init__(
@@ -52,31 +52,19 @@ class ShapCAM:
         target_layers: Sequence[Layer],
         reshape_transform: Optional[Callable] = None,
         *,
-        n_permutations: int = 256,
-        design: str = "latin",
-        antithetic: bool = True,
-        seed: Optional[int] = 0,
-        tolerance: Optional[float] = None,
-        exact: bool = False,
-        baseline=0.0,
-        group_size: int = 1,
-        memory_budget: int = SamplingConfig.memory_budget,
-        batch_size: Optional[int] = None,
-        fast_path: bool = True,
+        config: Optional[SamplingConfig] = None,
         head: Optional[Callable] = None,
         progress: bool = False,
+        **overrides: Any,
     ):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if config is not None and not isinstance(config, SamplingConfig):
+            raise TypeError(f"config must be a shapcam_ext.SamplingConfig, got {type(config).__name__}")
         self.model = model
         self.target_layers = _check_target_layers(target_layers)
         self.reshape_transform = reshape_transform
-        self.config = SamplingConfig(
-            n_permutations=n_permutations, design=design, antithetic=antithetic, seed=seed, tolerance=tolerance, exact=exact,
-            baseline=baseline, group_size=group_size, memory_budget=memory_budget, batch_size=batch_size,
-            fast_path=fast_path,
-        )
-        self.config.validate()
+        self.config = (config or SamplingConfig()).replace(**overrides)
         with eval_semantics(model):  # trace what evaluation runs, whatever the model's mode
             splits = [split_model(model, layer, head) for layer in self.target_layers]
         self.engines = [ShapleyEngine(model, split, self.config, reshape_transform, progress) for split in splits]

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import logging
 import math
-import numbers
 import time
 from dataclasses import dataclass, field
-from typing import Any, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -21,98 +20,19 @@ from tqdm.auto import tqdm
 
 from shapcam_ext import fastpath, ops
 from shapcam_ext._backend import backend_info
+from shapcam_ext.config import SamplingConfig
 from shapcam_ext.head import SplitModel
 from shapcam_ext.memory import MemoryPlanner, cost_per_unit
 from shapcam_ext.model_state import eval_semantics
 from shapcam_ext.players import PlayerGrid
 from shapcam_ext.postprocess import scale_cam_image
-from shapcam_ext.sampling import DESIGNS, ExhaustiveStream, PermutationStream
+from shapcam_ext.sampling import ExhaustiveStream, PermutationStream
 from shapcam_ext.statistics import MIN_UNITS_TO_STOP, RunningEstimate
 from shapcam_ext.targets import Scorer, Target, resolve_targets
 
 logger = logging.getLogger("shapcam_ext")
 
-MiB = 1 << 20
 LONG_RUN_SECONDS = 60.0  # runs projected to take longer announce their cost first
-MAX_SEED = 2**64
-
-
-@dataclass
-class SamplingConfig:
-    """How the Shapley values are estimated.
-
-    n_permutations: permutations to sample (the cap when ``tolerance`` is set); rounded up to a
-        whole number of units (a Latin block, an antithetic pair; ``ShapleyResult.n_permutations``
-        says how many ran).
-    design: how permutations are drawn (see :class:`shapcam_ext.sampling.PermutationStream`):
-        ``"latin"`` stratifies them by position with randomised Latin squares, which needs several
-        times fewer permutations than ``"iid"`` for the same error on real heads (bench/).
-    antithetic: follow each permutation by its reverse.
-    seed: seeds the permutations (an int in [0, 2**64)); the same seed gives bit-identical maps
-        on the CPU. None draws a fresh seed.
-    tolerance: stop once the relative L2 error of every image's signed map is below it with 90%
-        confidence (checked at a few points, see :mod:`shapcam_ext.statistics`).
-    exact: average over all n! orders instead of sampling (n <= 8 players).
-    baseline: value of removed positions; a finite scalar or a tensor broadcastable to (C, h, w).
-    group_size: g fuses g x g positions into one player, for large maps. The map then holds one
-        Shapley value per g x g cell (``ShapleyResult.shapley``); ``feature_map`` repeats each
-        cell's value over its positions for display.
-    memory_budget: bytes one chunk of work may allocate.
-    batch_size: head evaluations per chunk; overrides the budget-derived chunk size.
-    fast_path: use an exact shortcut when the head's graph proves one applies (pooled or
-        local-pool heads, and heads that mix positions locally before a global pool, see
-        :mod:`shapcam_ext.fastpath`); False forces the generic path.
-    """
-
-    n_permutations: int = 256
-    design: str = "latin"
-    antithetic: bool = True
-    seed: Optional[int] = 0
-    tolerance: Optional[float] = None
-    exact: bool = False
-    baseline: object = 0.0
-    group_size: int = 1
-    memory_budget: int = 1024 * MiB
-    batch_size: Optional[int] = None
-    fast_path: bool = True
-
-    def validate(self) -> None:
-        """Raises TypeError for a wrong type, ValueError for a value out of range; each names the
-        setting and what it should be."""
-        _check_int("n_permutations", self.n_permutations, minimum=1)
-        _check_int("group_size", self.group_size, minimum=1)
-        _check_int("memory_budget", self.memory_budget, minimum=1, unit="bytes")
-        if self.batch_size is not None:
-            _check_int("batch_size", self.batch_size, minimum=1)
-        if self.seed is not None:
-            _check_int("seed", self.seed, minimum=0)
-            if self.seed >= MAX_SEED:
-                raise ValueError(f"seed must be below 2**64, got {self.seed}; pass a smaller seed")
-        if self.design not in DESIGNS:
-            raise ValueError(f"design must be one of {', '.join(map(repr, DESIGNS))}, got {self.design!r}")
-        for name in ("antithetic", "exact", "fast_path"):
-            if not isinstance(getattr(self, name), (bool, np.bool_)):
-                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
-        if self.tolerance is not None:
-            if isinstance(self.tolerance, bool) or not isinstance(self.tolerance, numbers.Real):
-                raise TypeError(f"tolerance must be a number, got {type(self.tolerance).__name__}")
-            if not 0 < self.tolerance < math.inf:
-                raise ValueError(f"tolerance must be > 0, got {self.tolerance}; use None for a fixed n_permutations")
-            if self.exact:
-                raise ValueError("exact=True has no sampling error to stop on; drop tolerance (or exact)")
-        baseline = torch.as_tensor(self.baseline) if not isinstance(self.baseline, torch.Tensor) else self.baseline
-        if not baseline.is_floating_point() and baseline.dtype not in (torch.int64, torch.int32, torch.bool):
-            raise TypeError(f"baseline must be a number or a float tensor, got {baseline.dtype}")
-        if not bool(torch.isfinite(baseline.float()).all()):
-            raise ValueError("baseline has NaN or Inf values; pass a finite baseline (0 removes a position)")
-
-
-def _check_int(name: str, value: Any, minimum: int, unit: str = "") -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int{' number of ' + unit if unit else ''}, got "
-                        f"{type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
 
 
 @dataclass(repr=False)
@@ -278,10 +198,10 @@ class _ImageGroup:
         base_map = self.baseline.expand_as(self.players)
         ends = self.worth(torch.stack([base_map, self.players], 1).flatten(0, 1), everyone)  # (b, 2)
         stream = (ExhaustiveStream(self.n, self.device) if cfg.exact
-                  else PermutationStream(self.n, cfg.antithetic, cfg.seed, self.device, cfg.design, cfg.n_permutations))
+                  else PermutationStream(self.n, cfg.antithetic, cfg.seed, self.device, cfg.design, cfg.permutations))
         estimate = RunningEstimate(self.batch, self.n, stream.unit_size, self.device, stream.exhaustive)
         unit = stream.unit_size
-        total = stream.total if stream.exhaustive else -(-cfg.n_permutations // unit) * unit
+        total = stream.total if stream.exhaustive else -(-cfg.permutations // unit) * unit
         walk = None
         if self.engine.fast_pattern is not None:
             walk = fastpath.prepare(self.engine.fast_pattern, self.engine.split.head, self.grid, self.players,
@@ -484,4 +404,4 @@ def _runs(indices: List[int]) -> List[slice]:
     return runs
 
 
-__all__ = ["BatchError", "SamplingConfig", "ShapleyEngine", "ShapleyResult", "check_input"]
+__all__ = ["BatchError", "ShapleyEngine", "ShapleyResult", "check_input"]
