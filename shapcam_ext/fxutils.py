@@ -1,4 +1,4 @@
-"""torch.fx graph utilities shared by the model split (head.py) and the fast-path proofs (fastpath/).
+"""torch.fx graph utilities shared by the model split (head.py) and the fast-path proofs (paths/).
 
 What both need: walking a graph forwards or backwards from some nodes, copying the part of a
 graph between given inputs and outputs into a module of its own, reading a call's arguments by
