@@ -75,14 +75,18 @@ class Game:
         """Held values of images ``sub``: the batched ones sliced, the others as they are."""
         return tuple(h[sub] if batched else h for h, batched in zip(self.held, self.batched))
 
+    def head_input(self, masked: Tensor, sub: Optional[slice] = None) -> Tensor:
+        """The head's input (the activation's layout: tokens for a ViT) for masked player grids of
+        images ``sub`` (all by default), image-major."""
+        sub = sub if sub is not None else slice(0, self.batch)
+        return self.grid.head_input(masked, slice(self.images.start + sub.start, self.images.start + sub.stop))
+
     def worth(self, masked: Tensor, sub: Optional[slice] = None) -> Tensor:
         """(images, rows per image) scores of masked player grids of images ``sub`` (all by default),
         image-major. The head never writes into ``masked``'s storage."""
         sub = sub if sub is not None else slice(0, self.batch)
-        absolute = slice(self.images.start + sub.start, self.images.start + sub.stop)
-        images = sub.stop - sub.start
-        out = self.head(self.grid.head_input(masked, absolute), *self.held_of(sub))
-        return self.scorer(self.targets[sub], out, masked.shape[0] // images)
+        out = self.head(self.head_input(masked, sub), *self.held_of(sub))
+        return self.scorer(self.targets[sub], out, masked.shape[0] // (sub.stop - sub.start))
 
 
 def fresh_rows(row: Tensor, rows: int) -> Tensor:

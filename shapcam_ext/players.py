@@ -71,6 +71,31 @@ class PlayerGrid:
         tokens[:, self.token_index] = grid.reshape(grid.shape[0], -1)
         return tokens.view((-1,) + tuple(source.shape[1:]))
 
+    def player_positions(self, channels_last: bool) -> Optional[torch.Tensor]:
+        """(players,) the position of the activation that holds each player's elements (an index
+        into its dimensions but the batch and the channels, the last dimension or the second,
+        flattened in row-major order); None unless every player fills one position of its own
+        (a group of g x g cells spans several). Positions holding no player keep their values in
+        every coalition (a class token)."""
+        if self.group_size > 1:
+            return None
+        one = self.activation[0]
+        channels = one.shape[-1 if channels_last else 0]
+        index = self.token_index if self.token_index is not None else torch.arange(one.numel(), device=one.device)
+        positions = index // channels if channels_last else index % (one.numel() // channels)
+        cells = positions.view(self.grid_shape).flatten(1)  # (C, players): where each element of each player is
+        first = cells[0]
+        if not bool((cells == first).all()) or first.unique().numel() != first.numel():
+            return None
+        return first
+
+    def positions_are_players(self, channels_last: bool) -> bool:
+        """Whether the activation's positions are the players, position p being player p (a CNN's map)."""
+        positions = self.player_positions(channels_last)
+        one = self.activation[0]
+        count = one.numel() // one.shape[-1 if channels_last else 0]
+        return positions is not None and torch.equal(positions, torch.arange(count, device=positions.device))
+
     def to_map(self, values: torch.Tensor) -> torch.Tensor:
         """Per-player values (..., H, W) spread over the feature grid (..., h, w): each position holds
         an equal share of its player's value (a group cut by the grid's edge shares it among the

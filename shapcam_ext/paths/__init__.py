@@ -80,8 +80,6 @@ def _not_applicable(game: Game, proof: Proof) -> Optional[str]:
         return proof.reason or "no shortcut proven for the head"
     if game.grid.group_size != 1:
         return "grouped players"
-    if game.grid.token_index is not None or game.players.dim() != 4:
-        return "the players are not the positions of a 4-D map"
     return None
 
 

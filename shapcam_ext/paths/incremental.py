@@ -27,7 +27,7 @@ from typing import Optional
 from torch import Tensor
 
 from shapcam_ext.game import Game
-from shapcam_ext.paths.pattern import HeadPattern
+from shapcam_ext.paths.pattern import NHWC, HeadPattern, pool_weights
 from shapcam_ext.paths.protocol import Evaluator
 from shapcam_ext.paths.receptive import BodyPlan, plan_body
 from shapcam_ext.paths.recompute import RecomputeWalk
@@ -47,45 +47,52 @@ class Estimate:
     """The walks' costs for a run, before any is built.
 
     plan: the body's plan. start: the front output of the empty coalition.
+    weights: (cells,) the weight of each index of the pool's input in the pool.
     costs: flops per image of each walk available (GENERIC, RECOMPUTE, TABLE).
     states: the table's layout, when TABLE is among the costs.
     """
 
     plan: BodyPlan
     start: Tensor
+    weights: Tensor
     costs: dict[str, float]
     states: Optional[FootprintStates]
 
 
-def estimate(pattern: HeadPattern, players: Tensor, base_map: Tensor, held: tuple, permutations: int,
+def estimate(pattern: HeadPattern, activation: Tensor, base: Tensor, held: tuple, permutations: int,
              memory_budget: int) -> Optional[Estimate]:
-    """What each walk would cost for ``permutations`` permutations of these images, or None when a
-    runtime shape does not fit the pattern. A table larger than ``memory_budget`` is not costed."""
-    plan = plan_body(pattern, players, base_map, held)
-    if plan is None:
+    """What each walk would cost for ``permutations`` permutations of these images (the head's
+    inputs of the full and the empty coalition), or None when a runtime shape does not fit the
+    pattern. A table larger than ``memory_budget`` is not costed."""
+    plan = plan_body(pattern, activation, base, held)
+    weights = None if plan is None else pool_weights(pattern, plan.keep[plan.output])
+    if weights is None:
         return None
     start = pattern.front(plan.base[plan.output])
     output = plan.values[plan.output]
     width = math.prod(start.shape[1:])
     linear = pattern.linear
-    if start.shape[0] != players.shape[0] or (
+    if start.shape[0] != activation.shape[0] or (
             linear.in_features != output.channels or start.dim() != 2 if linear is not None
             else width != output.channels):
         return None
     costs = _costs(plan, width, linear is not None, permutations)
     states = None
     if TABLE in costs:
-        states = FootprintStates(output.axes, plan.size, players.device)
+        states = FootprintStates(output.axes, plan.size, activation.device)
         costs[TABLE] += states.build_flops(plan.body_flops(pre=False), output.channels, width, linear is not None)
-        if states.table_bytes(players.shape[0], output.channels, width, players.element_size()) > memory_budget:
+        if states.table_bytes(activation.shape[0], output.channels, width, activation.element_size()) > memory_budget:
             del costs[TABLE]
-    return Estimate(plan, start, costs, states)
+    return Estimate(plan, start, weights, costs, states)
 
 
 def incremental_walk(game: Game, pattern: HeadPattern) -> Optional[Evaluator]:
     """The cheapest exact walk for the game's permutations, or None when the generic path is
-    cheaper or a runtime shape does not fit."""
-    found = estimate(pattern, game.players, game.base_map(), game.held, game.permutations, game.planner.budget)
+    cheaper, the players are not the activation's positions, or a runtime shape does not fit."""
+    if not game.grid.positions_are_players(pattern.activation_layout == NHWC):
+        return None
+    found = estimate(pattern, game.head_input(game.players), game.head_input(game.base_map()), game.held,
+                     game.permutations, game.planner.budget)
     if found is None:
         return None
     choice = choose(found.costs)
@@ -95,7 +102,7 @@ def incremental_walk(game: Game, pattern: HeadPattern) -> Optional[Evaluator]:
     tail_row = tail_bytes_per_row(pattern.tail, start, game)
     if choice == RECOMPUTE:
         return RecomputeWalk(game, plan, pattern.front, pattern.tail, start, tail_row)
-    table = states.build(plan, pattern.linear, game.planner)
+    table = states.build(plan, found.weights, pattern.linear, game.planner)
     b, n, width = game.batch, game.n, table.shape[-1]
     per_permutation = b * (n + 1) * (tail_row + 3 * width * table.element_size()) + b * n * states.reach * 6 * 8
     return RunningWalk("incremental-table", game, start, FootprintSteps(states, table), pattern.tail, per_permutation)

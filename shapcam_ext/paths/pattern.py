@@ -4,13 +4,24 @@ A head qualifies when it reads the activation only through, in this order:
 
 * the body: position-wise ops, whose output at a position depends only on the input at that
   position (elementwise ops, also with held or constant tensors; 1x1 convolutions; eval-mode
-  batch norm; layer norm and Linear over the channels of an NHWC permute); before a global
+  batch norm; layer norm and Linear over the channels of a channels-last value; permutes
+  between the two layouts; reshapes that keep the batch and the channels); before a global
   average pool, also convolutions that mix a bounded neighbourhood (k x k, strided, grouped,
   zero-padded), which the incremental walks of :mod:`shapcam_ext.paths.incremental` follow;
-* one pool: a global average pool, or a non-overlapping local max/avg pool of at most 4 cells;
+* one pool: a global pool, i.e. a fixed weighting of the positions applied to every channel (an
+  average over all of them, over a slice of the tokens, or one token picked: timm's
+  ``global_pool='avg'`` and ``'token'``), or a non-overlapping local max/avg pool of at most 4
+  cells;
 * the front: a chain of flatten, eval-mode dropout, identity, at most one Linear and, after a
   local pool, one adaptive average pool (a fixed linear map);
 * the tail: anything that reads only the front's output and parameters.
+
+Positions are the indices of every dimension but the batch and the channels, flattened in
+row-major order: the (h, w) of a CNN map (B, C, h, w), the tokens of a transformer's (B, N, C)
+or (B, h, w, C). The activation's layout is the one its first reader needs. Sizes are only
+known at run time, so what the graph cannot show (that a reshape keeps the channels, that a
+mean covers every position) is checked on the recorded values before a walk is built
+(:func:`body_positions`, :func:`pool_weights`).
 
 Whatever is not recognised is "not proven", and the engine keeps its generic masked-batch path.
 Module types are matched exactly, not by subclass: a subclass may override ``forward``.
@@ -20,7 +31,7 @@ from __future__ import annotations
 import operator
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 import torch.fx as fx
@@ -30,8 +41,12 @@ from torch import nn
 from shapcam_ext.fxutils import bound_arguments, descendants, extract, protect_inputs
 from shapcam_ext.head import SplitModel
 
+# The two layouts, of any number of position dimensions: channels first (B, C, *positions) and
+# channels last (B, *positions, C).
 NCHW, NHWC = "nchw", "nhwc"
 LOCAL = "local"  # the rule of a convolution that mixes neighbouring positions (NCHW in and out)
+RESHAPE = "reshape"  # the rule of a reshape: it keeps the layout (and, checked at run time, the positions)
+_CHANNEL_DIM = {NCHW: 1, NHWC: -1}
 MAX_WINDOW = 4  # cells of a local-pool window: the walk tabulates all 2**cells window states
 
 _TO_NHWC, _TO_NCHW = (0, 2, 3, 1), (0, 3, 1, 2)
@@ -43,24 +58,25 @@ class NotProven(Exception):
 
 @dataclass(frozen=True)
 class LocalBody:
-    """A body that mixes neighbouring positions before a global average pool.
+    """A body that mixes neighbouring positions before a global pool.
 
     convs: names of the body's nodes that are spatial convolutions (k x k or strided; their
         geometry is read from the modules when a walk is planned).
-    layouts: NCHW or NHWC, the layout of every activation-dependent node of the body, by name.
     """
 
     convs: frozenset[str]
-    layouts: Mapping[str, str]
 
 
 @dataclass(frozen=True)
 class HeadPattern:
     """A head proven to have an exact shortcut.
 
-    pool: "global" (average over all positions) or "local" (non-overlapping windows).
+    pool: "global" (a fixed weighting of all positions) or "local" (non-overlapping windows).
     body: ``body(activation, *held) -> g``, the pool's input: a position-wise function of the
         activation (of the held values too).
+    layouts: NCHW or NHWC, the layout of every activation-dependent node of the body (the
+        activation included), by name.
+    pooling: ``pooling(g) -> pooled``, the global pool alone (None for a local pool).
     front: ``front(g) -> front_out``: the pool and the front chain.
     tail: the rest of the head, ``tail(front_out) -> output``; None when ``front_out`` is the output.
     linear: the Linear layer ending the front, whose pre-activations are walked; None if absent.
@@ -72,6 +88,8 @@ class HeadPattern:
 
     pool: str
     body: fx.GraphModule
+    layouts: Mapping[str, str]
+    pooling: Optional[fx.GraphModule]
     front: fx.GraphModule
     tail: Optional[fx.GraphModule]
     linear: Optional[nn.Linear]
@@ -79,6 +97,15 @@ class HeadPattern:
     window: tuple[int, int] = (1, 1)
     adaptive: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
     local: Optional[LocalBody] = None
+
+    @property
+    def activation_layout(self) -> str:
+        return self.layouts[next(iter(self.body.graph.nodes)).name]
+
+    @property
+    def pooled_layout(self) -> str:
+        """The layout of the pool's input, the body's output."""
+        return self.layouts[next(n for n in reversed(self.body.graph.nodes) if n.op == "output").args[0].name]
 
 
 def prove(split: SplitModel) -> tuple[Optional[HeadPattern], str]:
@@ -153,6 +180,7 @@ _LAYER_NORM_FUNCTIONS = _functions("layer_norm")
 _BATCH_NORM_FUNCTIONS = _functions("batch_norm")
 _LINEAR_FUNCTIONS = _functions("linear")
 _PERMUTE_FUNCTIONS = _functions("permute")
+_RESHAPE_FUNCTIONS = _functions("reshape")
 _FLATTEN_FUNCTIONS = _functions("flatten")
 _MEAN_FUNCTIONS = _functions("mean")
 _ADAPTIVE_AVG_FUNCTIONS = _functions("adaptive_avg_pool2d")
@@ -166,7 +194,7 @@ def _prove(gm: fx.GraphModule) -> HeadPattern:
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     act = placeholders[0]
     reads_act = descendants(act)  # every node the activation reaches, metadata reads included
-    layouts = {act: NCHW}  # the body: values that are position-wise (or local) functions of the activation
+    layouts = _Layouts(act)  # the body: values that are position-wise (or local) functions of the activation
     convs = set()  # the body's spatial convolutions
     pool = None
     for node in graph.nodes:
@@ -174,8 +202,8 @@ def _prove(gm: fx.GraphModule) -> HeadPattern:
             continue
         if node.op == "output":
             raise NotProven("the activation reaches the output without a global or local pool")
-        if _pool_kind(node, gm) is not None:
-            pool = node
+        pool = _pool_of(node, gm)
+        if pool is not None:
             break
         rule = _rule(node, gm)
         layouts[node] = _body_layout(node, rule, gm, layouts)
@@ -183,23 +211,22 @@ def _prove(gm: fx.GraphModule) -> HeadPattern:
             convs.add(node.name)
     if pool is None:
         raise NotProven("the head's output does not depend on the activation")
-    pool_input = _single_input(pool, layouts)
-    if layouts[pool_input] != NCHW:
-        raise NotProven(f"{pool.name} pools a channels-last value")
+    pool_input = _single_input(pool.start, layouts)
+    layouts.require(pool_input, pool.layout,
+                    lambda layout: f"{pool.start.name} pools a {layout} value over {pool.layout} positions")
     for value in layouts:
         for user in value.users:
-            if user not in layouts and user is not pool:
-                raise NotProven(f"{user.name} reads {value.name}, a value before the pool {pool.name}, after it "
-                                "(a global op such as squeeze-and-excitation mixes every position)")
+            if user not in layouts and user is not pool.start:
+                raise NotProven(f"{user.name} reads {value.name}, a value before the pool {pool.start.name}, after "
+                                "it (a global op such as squeeze-and-excitation mixes every position)")
 
-    kind = _pool_kind(pool, gm)
-    if convs and kind != "global":
-        raise NotProven(f"{pool.name} is a local pool after spatial convolutions ({', '.join(sorted(convs))})")
-    end, linear, adaptive = _front_chain(pool, kind, gm)
-    if kind == "local" and linear is None:
-        raise NotProven(f"{pool.name} (a local pool) is not followed by flatten and a Linear layer")
+    if convs and pool.kind != "global":
+        raise NotProven(f"{pool.start.name} is a local pool after spatial convolutions ({', '.join(sorted(convs))})")
+    end, linear, adaptive = _front_chain(pool, gm)
+    if pool.kind == "local" and linear is None:
+        raise NotProven(f"{pool.start.name} (a local pool) is not followed by flatten and a Linear layer")
 
-    chain = _chain(pool, end)
+    chain = _chain(pool.start, end)
     static = _static_nodes(graph)
     _check_inputs(chain, pool_input, static)
     tail_nodes = reads_act - set(layouts) - chain
@@ -207,13 +234,57 @@ def _prove(gm: fx.GraphModule) -> HeadPattern:
     output = next(n for n in reversed(graph.nodes) if n.op == "output")
     # the walks keep the parts' inputs (the start, the tabulated maps): no part may write into them
     tail = None if output.args[0] is end else protect_inputs(extract(gm, graph, [end], output.args[0]), gm)
-    local = gm.get_submodule(pool.target) if kind == "local" else None
+    local = gm.get_submodule(pool.start.target) if pool.kind == "local" else None
     return HeadPattern(
-        pool=kind, body=protect_inputs(extract(gm, graph, placeholders, pool_input), gm),
+        pool=pool.kind, body=protect_inputs(extract(gm, graph, placeholders, pool_input), gm),
+        layouts=layouts.resolved(),
+        pooling=extract(gm, graph, [pool_input], pool.end) if pool.kind == "global" else None,
         front=protect_inputs(extract(gm, graph, [pool_input], end), gm), tail=tail, linear=linear,
         local_pool=local, window=_pair(local.kernel_size) if local is not None else (1, 1), adaptive=adaptive,
-        local=LocalBody(frozenset(convs), {node.name: layout for node, layout in layouts.items()}) if convs else None,
+        local=LocalBody(frozenset(convs)) if convs else None,
     )
+
+
+class _Layouts(dict):
+    """The layout of each body value (a node). The activation's is not known until an op reads it,
+    or a value computed from it elementwise, in one layout: until then those values are FREE, and
+    the first such op fixes it for all of them."""
+
+    FREE = "free"
+
+    def __init__(self, act: fx.Node):
+        super().__init__({act: self.FREE})
+        self.act = act
+        self.bound: Optional[str] = None
+
+    def __getitem__(self, node: fx.Node) -> str:
+        layout = super().__getitem__(node)
+        return self.bound if layout == self.FREE and self.bound else layout
+
+    def require(self, node: fx.Node, layout: str, why: Callable[[str], str]) -> None:
+        """``node``'s value must be in ``layout``; NotProven(why(its layout)) otherwise."""
+        current = self[node]
+        if current == self.FREE:
+            self.bound = layout
+        elif current != layout:
+            raise NotProven(why(current))
+
+    def common(self, node: fx.Node, inputs: list[fx.Node]) -> str:
+        """The one layout of an elementwise op's activation-dependent inputs."""
+        kinds = {self[i] for i in inputs}
+        fixed = kinds - {self.FREE}
+        if len(fixed) > 1:
+            raise NotProven(f"{node.name} combines channels-first and channels-last values")
+        if not fixed:
+            return self.FREE
+        layout = fixed.pop()
+        if self.FREE in kinds:
+            self.bound = layout
+        return layout
+
+    def resolved(self) -> dict[str, str]:
+        """Every value's layout by name (the pool has fixed the activation's)."""
+        return {node.name: self[node] for node in self}
 
 
 def _check_inputs(nodes: set, source: fx.Node, static: set) -> None:
@@ -268,7 +339,7 @@ def _is_identity(node: fx.Node, gm: fx.GraphModule) -> bool:
 # ------------------------------------------------------------------------------------ body
 
 
-def _body_layout(node: fx.Node, rule, gm: fx.GraphModule, layouts: dict) -> str:
+def _body_layout(node: fx.Node, rule, gm: fx.GraphModule, layouts: _Layouts) -> str:
     """The layout of ``node``'s value when it is position-wise (or a spatial convolution) in the
     activation; else NotProven. ``rule`` is ``_rule(node, gm)``.
 
@@ -277,28 +348,25 @@ def _body_layout(node: fx.Node, rule, gm: fx.GraphModule, layouts: dict) -> str:
     if rule is None:
         raise NotProven(f"{_describe(node, gm)} at {node.name} is not a recognised position-wise op")
     if rule == "elementwise":
-        kinds = {layouts[i] for i in node.all_input_nodes if i in layouts}
-        if len(kinds) != 1:
-            raise NotProven(f"{node.name} combines channels-first and channels-last values")
-        return kinds.pop()
-    layout = layouts[_single_input(node, layouts)]
+        return layouts.common(node, [i for i in node.all_input_nodes if i in layouts])
+    source = _single_input(node, layouts)
+    if rule == RESHAPE:
+        return layouts[source]
     if rule == LOCAL:
-        if layout != NCHW:
-            raise NotProven(f"{_describe(node, gm)} at {node.name} convolves a {layout} value")
+        layouts.require(source, NCHW, lambda layout: f"{_describe(node, gm)} at {node.name} convolves a {layout} value")
         return NCHW
     if isinstance(rule, tuple):  # a permute: (from, to)
-        if layout != rule[0]:
-            raise NotProven(f"{node.name} permutes a {layout} value with {rule[0]} dims")
+        layouts.require(source, rule[0], lambda layout: f"{node.name} permutes a {layout} value with {rule[0]} dims")
         return rule[1]
-    if layout != rule:
-        raise NotProven(f"{_describe(node, gm)} at {node.name} mixes a non-channel dimension of a {layout} value")
-    return layout
+    layouts.require(source, rule, lambda layout: f"{_describe(node, gm)} at {node.name} mixes a non-channel "
+                                                 f"dimension of a {layout} value")
+    return rule
 
 
 def _rule(node: fx.Node, gm: fx.GraphModule):
     """How ``node`` treats positions: "elementwise"; NCHW / NHWC (mixes only that layout's channel
-    dimension); (from, to) for a permute between the two layouts; LOCAL for a convolution that
-    mixes a bounded neighbourhood; None otherwise."""
+    dimension); (from, to) for a permute between the two layouts; RESHAPE; LOCAL for a convolution
+    that mixes a bounded neighbourhood; None otherwise."""
     if _is_identity(node, gm):
         return "elementwise"
     if node.op == "call_module":
@@ -309,7 +377,7 @@ def _rule(node: fx.Node, gm: fx.GraphModule):
         if node.target == "permute":
             dims = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) else node.args[1:]
             return _permute_rule(dims)
-        return None
+        return RESHAPE if node.target in ("reshape", "view") else None
     if node.op != "call_function":
         return None
     if node.target in _ELEMENTWISE_FUNCTIONS:
@@ -318,6 +386,8 @@ def _rule(node: fx.Node, gm: fx.GraphModule):
         return _permute_rule(node.args[1] if len(node.args) > 1 else node.kwargs.get("dims"))
     if node.target in _LINEAR_FUNCTIONS:
         return NHWC
+    if node.target in _RESHAPE_FUNCTIONS:
+        return RESHAPE
     arguments = bound_arguments(node)
     if arguments is None:
         return None
@@ -375,22 +445,85 @@ def _describe(node: fx.Node, gm: fx.GraphModule) -> str:
 # ------------------------------------------------------------------------------------ pools
 
 
-def _pool_kind(node: fx.Node, gm: fx.GraphModule) -> Optional[str]:
-    """"global" for an average over all positions, "local" for a small non-overlapping pool."""
+@dataclass(frozen=True)
+class _Pool:
+    """A pool found in the head: its kind ("global" or "local"), the layout of the value it reads,
+    its first and last node (a slice of the tokens, then their mean), and the dimensions of its
+    output (2: (B, C); 4: the pooled dimensions kept)."""
+
+    kind: str
+    layout: str
+    start: fx.Node
+    end: fx.Node
+    ndim: int
+
+
+def _pool_of(node: fx.Node, gm: fx.GraphModule) -> Optional[_Pool]:
+    """The pool that starts at ``node``, or None.
+
+    Global: an adaptive average pool to 1 x 1, a mean over position dimensions, one token picked
+    (``x[:, i]``) or a slice of the tokens averaged (``x[:, a:b].mean(1)``), the last two of a
+    channels-last value. Which dimensions are positions depends on the value's rank, known only
+    at run time, where :func:`pool_weights` checks it. Local: a small non-overlapping pool.
+    """
     if node.op == "call_module":
         module = gm.get_submodule(node.target)
         if type(module) is nn.AdaptiveAvgPool2d and _pair(module.output_size) == (1, 1):
-            return "global"
+            return _Pool("global", NCHW, node, node, 4)
         if type(module) in (nn.MaxPool2d, nn.AvgPool2d) and _non_overlapping(module):
-            return "local"
+            return _Pool("local", NCHW, node, node, 4)
         return None
     if node.op == "call_function" and node.target in _ADAPTIVE_AVG_FUNCTIONS:
         size = node.args[1] if len(node.args) > 1 else node.kwargs.get("output_size")
-        return "global" if _pair(size) == (1, 1) else None
-    if _is_mean(node) and set(node.kwargs) <= {"dim", "keepdim"}:
-        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-        if isinstance(dims, (tuple, list)) and len(dims) == 2 and {d % 4 for d in dims} == {2, 3}:
-            return "global"
+        return _Pool("global", NCHW, node, node, 4) if _pair(size) == (1, 1) else None
+    mean = _mean_dims(node)
+    if mean is not None:
+        dims, keepdim = mean
+        layout = _mean_layout(dims)
+        return None if layout is None else _Pool("global", layout, node, node, 4 if keepdim else 2)
+    index = _token_index(node)
+    if isinstance(index, int):
+        return _Pool("global", NHWC, node, node, 2)
+    if isinstance(index, slice) and len(node.users) == 1:
+        user = next(iter(node.users))
+        if _mean_dims(user) == ((1,), False):
+            return _Pool("global", NHWC, node, user, 2)
+    return None
+
+
+def _mean_dims(node: fx.Node) -> Optional[tuple[tuple[int, ...], bool]]:
+    """(dims, keepdim) of a mean over given dimensions, or None."""
+    if not _is_mean(node) or not set(node.kwargs) <= {"dim", "keepdim"}:
+        return None
+    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    keepdim = node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False)
+    dims = (dims,) if isinstance(dims, int) else dims
+    if not isinstance(dims, (tuple, list)) or not dims or not all(isinstance(d, int) for d in dims):
+        return None
+    return tuple(dims), bool(keepdim)
+
+
+def _mean_layout(dims: tuple[int, ...]) -> Optional[str]:
+    """The layout in which a mean over ``dims`` can be one over positions: never over the batch
+    (0); dimension 1 is a channel dimension first, -1 one last."""
+    if 0 in dims or (1 in dims and -1 in dims):
+        return None
+    if 1 in dims:
+        return NHWC
+    return NCHW if -1 in dims or min(dims) >= 2 else NHWC
+
+
+def _token_index(node: fx.Node):
+    """``i`` or ``a:b`` for ``x[:, i]`` or ``x[:, a:b]`` (a step of 1), else None."""
+    if node.op != "call_function" or node.target is not operator.getitem or len(node.args) != 2:
+        return None
+    index = node.args[1]
+    if not isinstance(index, tuple) or len(index) != 2 or index[0] != slice(None):
+        return None
+    token = index[1]
+    if isinstance(token, int) or (isinstance(token, slice) and token.step in (None, 1) and all(
+            isinstance(v, (int, type(None))) for v in (token.start, token.stop))):
+        return token
     return None
 
 
@@ -404,11 +537,6 @@ def _non_overlapping(pool: nn.Module) -> bool:
     return simple and kernel[0] * kernel[1] <= MAX_WINDOW
 
 
-def _pool_output_ndim(node: fx.Node) -> int:
-    keepdim = node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False)
-    return 2 if _is_mean(node) and not keepdim else 4
-
-
 def _is_mean(node: fx.Node) -> bool:
     return (node.op == "call_method" and node.target == "mean") or (
         node.op == "call_function" and node.target in _MEAN_FUNCTIONS)
@@ -417,9 +545,9 @@ def _is_mean(node: fx.Node) -> bool:
 # ------------------------------------------------------------------------------------ front
 
 
-def _front_chain(pool: fx.Node, kind: str, gm: fx.GraphModule):
+def _front_chain(pool: _Pool, gm: fx.GraphModule):
     """Walks the chain after the pool: (its last node, its Linear or None, the adaptive pool or None)."""
-    end, ndim, linear, adaptive = pool, _pool_output_ndim(pool), None, None
+    end, ndim, linear, adaptive = pool.end, pool.ndim, None, None
     while len(end.users) == 1:
         node = next(iter(end.users))
         if node.op == "output" or node.args[:1] != (end,) or any(i is not end for i in node.all_input_nodes):
@@ -430,7 +558,7 @@ def _front_chain(pool: fx.Node, kind: str, gm: fx.GraphModule):
             break  # only identities after the Linear
         elif _is_flatten(node, gm):
             ndim = 2
-        elif kind == "local" and adaptive is None and ndim == 4 and (pool_fn := _adaptive_pool(node, gm)):
+        elif pool.kind == "local" and adaptive is None and ndim == 4 and (pool_fn := _adaptive_pool(node, gm)):
             adaptive = pool_fn
         elif ndim == 2 and node.op == "call_module" and type(gm.get_submodule(node.target)) is nn.Linear:
             linear = gm.get_submodule(node.target)
@@ -463,3 +591,52 @@ def _adaptive_pool(node: fx.Node, gm: fx.GraphModule) -> Optional[Callable]:
         if not isinstance(size, fx.Node):
             return lambda x: F.adaptive_avg_pool2d(x, size)
     return None
+
+
+# ------------------------------------------------------------------ what only run time can check
+
+
+def body_positions(pattern: HeadPattern, values: Mapping[fx.Node, Any], batch: int) -> Optional[int]:
+    """The number of positions of the activation when every value of the body, as recorded in
+    ``values`` (a run of ``pattern.body`` on ``batch`` images), holds as many in the layout the
+    proof gave it; else None.
+
+    The graph shows each op to be position-wise; this shows that the positions line up at this
+    rank: a reshape that keeps the batch, the channels and the count of positions keeps their
+    row-major order, and no broadcast spread a value over more positions.
+    """
+    counts = set()
+    for node, value in values.items():
+        layout = pattern.layouts.get(node.name)
+        if layout is None:
+            continue  # the output, held values and what the body computes from them
+        if not isinstance(value, torch.Tensor) or value.dim() < 3 or value.shape[0] != batch:
+            return None
+        counts.add(value[0].numel() // value.shape[_CHANNEL_DIM[layout]])
+    return counts.pop() if len(counts) == 1 else None
+
+
+def by_position(value: torch.Tensor, layout: str) -> torch.Tensor:
+    """(B, N, C): a value in ``layout`` with its N positions flattened in row-major order."""
+    return value.flatten(1, -2) if layout == NHWC else value.flatten(2).transpose(1, 2)
+
+
+def pool_weights(pattern: HeadPattern, g: torch.Tensor) -> Optional[torch.Tensor]:
+    """(N,) the weight of each of the N positions of the pool's input ``g`` (B, ...) in the pooled
+    vector; None unless the pool takes every channel to one weighted sum over the positions.
+
+    Measured by pooling one-hot channels: two images whose channel j is 1 at position j only, and
+    an extra channel of zeros so that the channels cannot be mistaken for the positions. A mean
+    that misses a position dimension or covers a channel (or batch) one changes the output's size.
+    """
+    layout = pattern.pooled_layout
+    channel = _CHANNEL_DIM[layout] % g.dim()
+    n = g[0].numel() // g.shape[channel]
+    one_hot = torch.eye(n, n + 1, dtype=g.dtype, device=g.device)
+    shape = list(g.shape)
+    shape[0], shape[channel] = 2, n + 1
+    probe = (one_hot if layout == NHWC else one_hot.T).reshape(shape[1:]).expand(shape)
+    out = pattern.pooling(probe.contiguous())
+    if out.shape[0] != 2 or out[0].numel() != n + 1:
+        return None
+    return out[0].flatten()[:n]

@@ -2,8 +2,10 @@
 
 Along a permutation every coalition's head input is the previous one plus a tabulated change:
 
-* global average pool: position p adds ``(g_keep - g_base)[:, p] / n`` to the pooled vector
-  (projected through the Linear that follows, when there is one), whatever the coalition;
+* global pool: player p adds ``w_q (g_keep - g_base)[:, q]`` to the pooled vector, whatever the
+  coalition, q being the position p fills (a token of a transformer) and w_q its weight in the
+  pool (1 / N for an average over N positions); projected through the Linear that follows, when
+  there is one;
 * local pool of small windows: p changes only its window's pooled cell, by an amount that
   depends on which of its window-mates are already in. Every (cell, window state, entering
   slot) change is tabulated once and projected through the first Linear layer.
@@ -23,7 +25,8 @@ import torch.nn.functional as F
 from shapcam_ext import ops
 from shapcam_ext.game import Game
 from shapcam_ext.ops import permutation_ranks
-from shapcam_ext.paths.pattern import HeadPattern
+from shapcam_ext.paths.pattern import NHWC, HeadPattern, body_positions, by_position, pool_weights
+from shapcam_ext.paths.receptive import NodeRunner
 from shapcam_ext.paths.running import RunningWalk, TableSteps, tail_bytes_per_row
 from shapcam_ext.statistics import RunningEstimate
 from shapcam_ext.targets import class_targets
@@ -55,20 +58,25 @@ def _identity_rows(perms: torch.Tensor) -> torch.Tensor:
 
 def pooled_walk(game: Game, pattern: HeadPattern) -> Optional[RunningWalk]:
     """The walk of a position-wise body before a global or local pool, or None if it does not fit."""
-    players, held = game.players, game.held
-    base_map = game.base_map()
-    g_keep, g_base = pattern.body(players, *held), pattern.body(base_map, *held)
+    b, held = game.batch, game.held
+    runner = NodeRunner(pattern.body, keep_values=True)
+    keep = runner.record(game.head_input(game.players), *held)
+    base = runner.record(game.head_input(game.base_map()), *held)
+    output = next(n for n in reversed(pattern.body.graph.nodes) if n.op == "output")
+    g_keep, g_base = keep[output], base[output]
     start = pattern.front(g_base)
-    if g_keep.dim() != 4 or g_keep.shape != g_base.shape or g_keep.shape[-2:] != players.shape[-2:] \
-            or start.shape[0] != players.shape[0]:
+    if body_positions(pattern, keep, b) is None or start.shape[0] != b:
         return None
+    channels_last = pattern.activation_layout == NHWC
     if pattern.pool == "global":
-        table, step_rows = _pooled_table(pattern, g_keep, g_base, start)
-    else:
+        table, step_rows = _pooled_table(pattern, g_keep, g_base, start, game.grid.player_positions(channels_last))
+    elif game.grid.positions_are_players(channels_last):
         table, step_rows = _window_table(pattern, g_keep, g_base, start, game.planner.budget)
+    else:
+        return None
     if table is None:
         return None
-    n, b = game.n, game.batch
+    n = game.n
     if pattern.pool == "global" and pattern.tail is None and pattern.linear is not None \
             and class_targets(game.targets) is not None:
         return LinearWalk(game, start, table)
@@ -77,11 +85,20 @@ def pooled_walk(game: Game, pattern: HeadPattern) -> Optional[RunningWalk]:
     return RunningWalk(path, game, start, TableSteps(table, step_rows), pattern.tail, b * (n + 1) * per_row)
 
 
-def _pooled_table(pattern: HeadPattern, g_keep, g_base, start):
-    """(B, n, D) change of the front output when each position joins, and the step-row map."""
-    b, c = g_keep.shape[:2]
-    n = g_keep.shape[-1] * g_keep.shape[-2]
-    change = ((g_keep - g_base).flatten(2).transpose(1, 2) / n).contiguous()  # (B, n, C): the pooled vector's change
+def _pooled_table(pattern: HeadPattern, g_keep, g_base, start, positions: Optional[torch.Tensor]):
+    """(B, n, D) change of the front output when each player joins, and the step-row map; (None,
+    None) when the players or the pool do not fit.
+
+    A player changes its own position of the pool's input, and the pooled vector by that change
+    times the position's weight in the pool (1 / N in an average; 0 for a token the pool leaves
+    out: a class token, or every patch token when the pool picks the class token).
+    """
+    weights = pool_weights(pattern, g_keep)
+    if positions is None or weights is None:
+        return None, None
+    change = by_position(g_keep - g_base, pattern.pooled_layout)[:, positions]  # (B, n, C)
+    change = (change * weights[positions, None]).contiguous()  # the pooled vector's change
+    c = change.shape[-1]
     if pattern.linear is not None:
         if pattern.linear.in_features != c or start.dim() != 2:
             return None, None

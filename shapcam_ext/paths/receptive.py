@@ -261,7 +261,7 @@ def plan_body(pattern: HeadPattern, players: Tensor, base_map: Tensor, held: tup
 def _value(node: fx.Node, pattern: HeadPattern, gm: fx.GraphModule, keep: dict, values: dict, batched: set,
            batch: int) -> Optional[Value]:
     """``node``'s Value from its recorded map and its inputs' Values; None if it does not fit."""
-    layout = pattern.local.layouts.get(node.name)
+    layout = pattern.layouts.get(node.name)
     tensor = keep[node]
     if layout is None or not isinstance(tensor, Tensor) or tensor.dim() != 4 or tensor.shape[0] != batch:
         return None

@@ -79,8 +79,9 @@ class FootprintStates:
     def table_bytes(self, batch: int, channels: int, width: int, element_size: int) -> int:
         return batch * (self.rows + 1) * (channels + width) * element_size
 
-    def build(self, plan: BodyPlan, linear: Optional[nn.Linear], planner: MemoryPlanner) -> Tensor:
-        """(B, rows + 1, D) every state's share of the front output; the last row zero.
+    def build(self, plan: BodyPlan, weights: Tensor, linear: Optional[nn.Linear], planner: MemoryPlanner) -> Tensor:
+        """(B, rows + 1, D) every state's share of the front output; the last row zero. ``weights``:
+        (cells,) each index's weight in the pool.
 
         The maps are evaluated in chunks under the planner's budget; each chunk fills the rows whose
         states it holds.
@@ -100,8 +101,8 @@ class FootprintStates:
                 shares = g.new_empty(g.shape[0], self.rows + 1, g.shape[-1])
             rows = self.order[self.first_row[m0]:self.first_row[m1]]
             shares[:, rows] = g[:, self.row_map[rows] - m0, self.row_cell[rows]]
+        shares[:, :-1] *= weights[self.row_cell, None]
         shares[:, -1] = 0
-        shares /= self.cells  # the global average pool
         return shares if linear is None else F.linear(shares, linear.weight)
 
     def _keep(self, masks: Tensor) -> Tensor:
