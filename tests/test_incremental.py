@@ -186,12 +186,13 @@ def test_cost_model_prefers_the_table_for_many_permutations():
     # blocks.5: 7 x 7 (n = 49), 3 x 3 footprints: 512 maps of the body pay off after some 100 permutations
     assert choice(model, "blocks.5", 8) == (["generic", "recompute", "table"], "recompute")
     assert choice(model, "blocks.5", 1000) == (["generic", "recompute", "table"], "table")
-    # blocks.4: 14 x 14, footprints over the whole map (no table); the boxes beat whole heads, once the
+    # blocks.4: 14 x 14, footprints over the whole map (no table); the sites beat whole heads, once the
     # walk's probe permutation is paid for
     assert choice(model, "blocks.4", 64) == (["generic", "recompute"], "recompute")
     assert choice(model, "blocks.4", 1)[1] == "generic"
-    # a 7 x 7 depthwise conv on a 7 x 7 map changes every position: nothing beats the generic path
-    assert choice(calibrated("convnext_tiny"), "features.7.1", 64)[1] == "generic"
+    # a 7 x 7 depthwise conv on a 7 x 7 map reaches every position from the centre, but 4 x 4 of them from
+    # a corner: the sites average 28 of 49, and the walk beats the generic path (1.7x, bench_breakdown.py)
+    assert choice(calibrated("convnext_tiny"), "features.7.1", 64)[1] == "recompute"
 
 
 def test_chunks_and_memory_budget_do_not_change_the_maps(strategy):

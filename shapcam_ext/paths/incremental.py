@@ -5,9 +5,9 @@ by orders of magnitude with the body, the map and the number of permutations K, 
 :func:`incremental_walk` estimates each in flops per image and takes the cheapest:
 
 * generic: the whole head on every prefix, K (n+1) full evaluations of the body;
-* recompute (:mod:`.recompute`): at each of the K n steps, the body on the boxes that the
-  entering position can change only (3 x 3 of 7 x 7 behind one 3 x 3 convolution), nothing up
-  front; the boxes grow with every convolution stacked, up to the whole map;
+* recompute (:mod:`.recompute`): at each of the K n steps, the body at the sites that the
+  entering position can change only (at most 3 x 3 of 7 x 7 behind one 3 x 3 convolution),
+  nothing up front; the sites grow with every convolution stacked, up to the whole map;
 * table (:mod:`.table`): the body once on each of the 2^(Py Px) maps that show every index of the
   pool's input each state of its Py x Px footprint, up front; then per step only 2 J rows of the
   front output, for the J footprints that hold the entering position.
@@ -15,7 +15,8 @@ by orders of magnitude with the body, the map and the number of permutations K, 
 Recomputing wins for few permutations, the table for many: on EfficientNet-Lite0 cut after
 ``blocks.5`` (7 x 7, one 3 x 3 depthwise conv, then 1280 channels into 1000 classes) the table's
 512 maps and projection cost the flops of about 80 permutations recomputed, after which a step costs
-18 rows of 1000 logits instead of 9 positions of the block and conv_head and a 1280 x 1000 product.
+18 rows of 1000 logits instead of up to 9 positions of the block and conv_head and a 1280 x 1000
+product.
 A table grows as 2^(Py Px): beyond :data:`~.table.MAX_BITS` it is not considered.
 """
 from __future__ import annotations
@@ -30,7 +31,7 @@ from shapcam_ext.game import Game
 from shapcam_ext.paths.pattern import NHWC, HeadPattern, pool_weights
 from shapcam_ext.paths.protocol import Evaluator
 from shapcam_ext.paths.receptive import BodyPlan, plan_body
-from shapcam_ext.paths.recompute import RecomputeWalk
+from shapcam_ext.paths.recompute import RecomputeWalk, step_flops
 from shapcam_ext.paths.running import RunningWalk, tail_bytes_per_row
 from shapcam_ext.paths.table import MAX_BITS, FootprintStates, FootprintSteps, footprint_bits
 
@@ -119,11 +120,10 @@ def _costs(plan: BodyPlan, width: int, projected: bool, permutations: int) -> di
     output = plan.values[plan.output]
     n = plan.size[0] * plan.size[1]
     front = output.channels * output.area + (2 * output.channels * width if projected else 0)
-    boxes = sum(v.flops * v.axes[0].box * v.axes[1].box for v in plan.values.values() if not v.pre)
     # the walks also pay for the plan (two bodies) and their check on one probe permutation
     walked = permutations + 1
     costs = {GENERIC: permutations * (n + 1) * (plan.body_flops() + front),
-             RECOMPUTE: 2 * plan.body_flops() + walked * n * (boxes + front) * RECOMPUTE_OVERHEAD}
+             RECOMPUTE: 2 * plan.body_flops() + walked * n * (step_flops(plan) + front) * RECOMPUTE_OVERHEAD}
     if footprint_bits(output.axes, plan.size) <= MAX_BITS:
         # a step adds and removes one row per footprint that holds the entering position
         costs[TABLE] = 2 * plan.body_flops() + walked * n * 2 * output.axes[0].box * output.axes[1].box * width

@@ -4,8 +4,8 @@ Along each axis, index o of a value of the body depends on activation positions
 [S*o - A, S*o + B] at most (its footprint, see :class:`Axis`): a convolution multiplies S by its
 stride and widens A and B by its padding and reach, a position-wise op takes the union of its
 inputs' footprints. When position p joins a coalition, only the indices whose footprint holds p
-change: at most (A + B) // S + 1 of them per axis, so one box size per value, placed inside the
-map, covers every change of every step.
+change: at most (A + B) // S + 1 of them per axis (a box), fewer where the footprints are cut by
+the map's edge or skip p (a stride).
 
 A value with no convolution on its way from the activation is position-wise in it (``pre``): at
 each position it holds its value with every position kept or with none kept, so the walks read
@@ -44,15 +44,13 @@ class Axis:
         """How many consecutive indices one activation index can change (at most)."""
         return min(self.length, (self.before + self.after) // self.stride + 1)
 
-    def starts(self, positions: int, device: torch.device) -> Tensor:
-        """(positions,) the first index of the box that each activation index p changes.
-
-        The changed indices are o in [ceil((p - after) / stride), floor((p + before) / stride)];
-        the box starts at the first of them, moved inside [0, length - box] when it would stick
-        out (it then still holds them all, since they lie inside the map).
-        """
+    def changed(self, positions: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        """(positions,) twice: the first and the last index that each activation index p can change,
+        those whose footprint holds p, o in [ceil((p - after) / stride), floor((p + before) / stride)],
+        clipped to the axis (the first is past the last where p changes none)."""
         p = torch.arange(positions, device=device)
-        return (-((self.after - p) // self.stride)).clamp(0, self.length - self.box)
+        first = -((self.after - p) // self.stride)
+        return first.clamp(min=0), ((p + self.before) // self.stride).clamp(max=self.length - 1)
 
     def footprint(self, o: Tensor) -> tuple[Tensor, Tensor]:
         """The first and last activation index that index ``o`` may depend on."""

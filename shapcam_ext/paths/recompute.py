@@ -1,12 +1,25 @@
-"""Recomputing the changed boxes: exact steps for any locally mixing body.
+"""Recomputing what each step changes: exact steps for any locally mixing body.
 
-All K permutations add their t-th position at step t. For every image and permutation (a row),
-the walk keeps the current map of each value that some op reads beyond the box it changes in
-(a convolution's input, the narrower input of a residual add, the pool's input). At each step it
-recomputes every other value of the body on its box only (see :mod:`.receptive`): a convolution
-from the box of its input that it reads, a position-wise op from its inputs on the same box.
-Values position-wise in the activation are read from their kept and baseline maps, by whether
-each position is in. The front and the tail then run on the pool's input, once per step.
+All K permutations add their t-th position at step t. The entering position p changes index o of
+a value only when o's footprint holds p (see :mod:`.receptive`): along each axis a range of
+indices cut by the map's edge, and the product of the two ranges is the value's *sites* for p.
+For every image and permutation (a row), the walk keeps the current map of each value that some
+op reads beyond its own sites (a convolution's input, the narrower input of a residual add, the
+pool's input). At each step it computes every other value at its sites only, the sites of every
+row in one batch of single positions: a convolution as the product of the gathered k x k input
+patches with its weight, a position-wise op from its inputs at the same sites. Values
+position-wise in the activation are read from their kept and baseline maps, by whether each
+position is in. A grouped (depthwise) convolution instead runs on the whole kept map of its input
+and its sites are picked from the result: its few flops per byte make gathering k x k patches
+(k * k copies of the input) slower than convolving every position (about 10x for a 5 x 5
+depthwise conv of 1152 channels on a 7 x 7 map). The front and the tail then run on the pool's
+input, once per step.
+
+Sites rather than one box per value (the box that holds every step's changes): an entering
+position at the map's edge, or at an index a stride-2 convolution skips, changes a fraction of
+the box, and a box recomputes all of it at every step. Cut after ResNet-50's layer3 the sites
+are 238 MFLOP per step against 428 for boxes (the whole head: 1620); after EfficientNet-Lite0's
+blocks.4, 192 against 223 (282); bench/bench_breakdown.py has the breakdown by layer.
 """
 from __future__ import annotations
 
@@ -16,38 +29,60 @@ from typing import Any, Callable, Optional
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from shapcam_ext.game import Game
 from shapcam_ext.ops import permutation_ranks
 from shapcam_ext.paths.pattern import NHWC
 from shapcam_ext.paths.protocol import Evaluator
-from shapcam_ext.paths.receptive import BodyPlan, Value
+from shapcam_ext.paths.receptive import Axis, BodyPlan, Conv, Value
 
-PRE, STATE, FRESH, MAP, ROWS = "pre", "state", "fresh", "map", "rows"
+PRE, STATE, WHOLE, FRESH, MAP, ROWS = "pre", "state", "whole", "fresh", "map", "rows"
 
 
 @dataclass(frozen=True)
 class _Read:
-    """How a recomputed node reads one input at a step.
+    """How a recomputed node reads one input at its sites.
 
-    kind: PRE (kept/baseline maps of a position-wise value), STATE (a kept map), FRESH (the
-        input's box, just recomputed, is the node's box), MAP (a held map per image), ROWS (a held
-        value per image without positions).
-    index: (n, L) flat indices of the box read in the source's (padded) map, per entering
-        position; None when the whole map is read.
-    size: the box's (height, width).
-    layout: the source's layout.
+    kind: PRE (kept/baseline maps of a position-wise value), STATE (a kept map), WHOLE (all of a
+        kept map, which a grouped convolution reads), FRESH (the input's sites, just computed, are
+        the node's), MAP (a held map per image), ROWS (a held value per image without positions).
+    taps: (positions of the node, T) flat indices into the source's (padded) map of what the node
+        reads at each of its positions: the k x k patch of a convolution (T = k * k), the position
+        itself otherwise (T = 1).
     """
 
     kind: str
-    index: Optional[Tensor] = None
-    size: tuple[int, int] = (0, 0)
-    layout: str = "nchw"
+    taps: Optional[Tensor] = None
+
+
+class Sites:
+    """Where each entering position changes a value: for every activation position p, the flat
+    indices of the value's map inside its two axes' ranges of change (see :meth:`Axis.changed`),
+    padded with -1 to the largest count (``most``); ``mean``: their average count."""
+
+    def __init__(self, axes: tuple[Axis, Axis], size: tuple[int, int], device: torch.device):
+        (h, w), width = size, axes[1].length
+        (y0, y1), (x0, x1) = axes[0].changed(h, device), axes[1].changed(w, device)
+        rows, cols = (y1 - y0 + 1).clamp(min=0), (x1 - x0 + 1).clamp(min=0)
+        ry, rx = rows.max().item(), cols.max().item()
+        dy, dx = torch.arange(ry, device=device), torch.arange(rx, device=device)
+        ys, xs = y0[:, None] + dy, x0[:, None] + dx  # (h, ry), (w, rx)
+        inside = (dy < rows[:, None])[:, None, :, None] & (dx < cols[:, None])[None, :, None, :]  # (h, w, ry, rx)
+        flat = ys[:, None, :, None] * width + xs[None, :, None, :]
+        self.index = torch.where(inside, flat, -1).view(h * w, ry * rx)
+        counts = (rows[:, None] * cols[None, :]).flatten()
+        self.most, self.mean = int(counts.max()), float(counts.double().mean())
+
+    def of(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """(row, index) of every site of the rows whose entering positions are ``positions`` (K,)."""
+        index = self.index[positions]
+        row, column = (index >= 0).nonzero(as_tuple=True)
+        return row, index[row, column]
 
 
 class RecomputeWalk(Evaluator):
-    """Walks a locally mixing body by recomputing, at each step, the boxes that can change.
+    """Walks a locally mixing body by recomputing, at each step, the sites that can change.
 
     plan: the body's plan. front, tail: the head after the body (tail None when the front's
     output is the output). start: (B, *S) the front output of the empty coalition.
@@ -63,87 +98,92 @@ class RecomputeWalk(Evaluator):
         self.plan, self.front, self.tail = plan, front, tail
         device = start.device
         self.order = [node for node, value in plan.values.items() if not value.pre]
+        self.sites = {axes: Sites(axes, plan.size, device) for axes in {plan.values[node].axes for node in self.order}}
         self.kept = {plan.output}
         self.reads: dict[fx.Node, dict[fx.Node, _Read]] = {}
-        y, x = torch.arange(h * w, device=device) // w, torch.arange(h * w, device=device) % w
-        self.starts = {node: (v.axes[0].starts(h, device)[y], v.axes[1].starts(w, device)[x])
-                       for node, v in plan.values.items()}
         for node in self.order:
             self.reads[node] = self._reads(node, plan.values[node])
-            self.kept |= {u for u, read in self.reads[node].items() if read.kind == STATE}
-        self.writes = {node: self._unless_whole(self._box(node, node, (0, 0), _box_size(plan.values[node])), node)
-                       for node in self.kept}
+            self.kept |= {u for u, read in self.reads[node].items() if read.kind in (STATE, WHOLE)}
+        self.writes = {node: self._taps(node, node) for node in self.kept}
+        self.entering = [u for u in self.kept if plan.values[u].pre]  # kept maps that change at the entering position
+        # the weight and bias each ungrouped convolution (k x k, or 1 x 1 and position-wise) applies to its patches
+        self.weights = {node: weight for node in self.order if (weight := _patch_weight(plan, node)) is not None}
         self.margins = sorted({plan.values[u].margin for reads in self.reads.values()
                                for u, read in reads.items() if read.kind == PRE})
         # a position-wise value's kept maps of the B images, then its baseline maps
-        self.padded = {u: torch.cat([_position_major(m[u], read.layout, plan.values[u].margin)
+        self.padded = {u: torch.cat([_position_major(m[u], plan.values[u].layout, plan.values[u].margin)
                                      for m in (plan.keep, plan.base)])
-                       for reads in self.reads.values() for u, read in reads.items() if read.kind == PRE}
-        self.maps = {u: _position_major(plan.keep[u], read.layout)
-                     for reads in self.reads.values() for u, read in reads.items() if read.kind == MAP}
+                       for u in {u for reads in self.reads.values() for u in reads} if u in plan.values and
+                       plan.values[u].pre}
+        self.maps = {u: _position_major(plan.keep[u], plan.values[node].layout)
+                     for node, reads in self.reads.items() for u, read in reads.items() if read.kind == MAP}
         self.empty = game.scorer(game.targets, start if tail is None else tail(start), 1).double()  # (B, 1)
         element = start.element_size()
         state = sum(_padded_numel(plan.values[u]) for u in self.kept)
-        step = sum(self._channels(u, node) * r.index.shape[1] * (3 if r.kind == PRE else 1)
-                   for node, reads in self.reads.items() for u, r in reads.items() if r.index is not None)
-        step += sum(v.channels * _box_size(v)[0] * _box_size(v)[1] for v in map(plan.values.get, self.order))
+        step = 0
+        for node in self.order:
+            value, most = plan.values[node], self._sites(node).most
+            step += most * value.channels + (
+                value.channels * value.area if any(r.kind == WHOLE for r in self.reads[node].values()) else 0)
+            step += sum(most * r.taps.shape[1] * self._channels(u, node) * (3 if r.kind == PRE else 1)
+                        for u, r in self.reads[node].items() if r.taps is not None)
         per_row = (state + step) * element + tail_row_bytes + start[0].numel() * element
         super().__init__(game, b * per_row + b * (h * w + 1) * 8)
 
+    def _sites(self, node: fx.Node) -> Sites:
+        return self.sites[self.plan.values[node].axes]
+
     def _channels(self, source: fx.Node, node: fx.Node) -> int:
-        """Channels of an input that ``node`` reads on a box (a held map has ``node``'s size)."""
+        """Channels of an input that ``node`` reads at its sites (a held map has ``node``'s size)."""
         value = self.plan.values.get(source)
         return value.channels if value is not None else self.plan.keep[source][0].numel() // self.plan.values[node].area
 
     def _reads(self, node: fx.Node, value: Value) -> dict[fx.Node, _Read]:
         """How ``node`` reads each of its inputs that is not a constant."""
         plan = self.plan
-        size = _box_size(value)
         if value.conv is not None:
             source = node.args[0]
-            conv = value.conv
-            shift = tuple(-conv.pad[a] for a in (0, 1))
-            span = (conv.span(0, size[0]), conv.span(1, size[1]))
-            index = self._box(node, source, shift, span, conv.stride)
-            if plan.values[source].pre:
-                return {source: _Read(PRE, index, span, plan.values[source].layout)}
-            return {source: _Read(STATE, self._unless_whole(index, source), span, plan.values[source].layout)}
+            if value.conv.module.groups > 1:
+                return {source: _Read(WHOLE)}
+            kind = PRE if plan.values[source].pre else STATE
+            return {source: _Read(kind, self._taps(node, source, value.conv))}
         reads = {}
         for source in node.all_input_nodes:
             other = plan.values.get(source)
             if other is None:
                 kind = value.statics[source]
                 if kind == MAP:
-                    reads[source] = _Read(MAP, self._box(node, None, (0, 0), size), size, value.layout)
+                    reads[source] = _Read(MAP, self._taps(node, None))
                 elif kind == ROWS:
                     reads[source] = _Read(ROWS)
             elif other.pre:
-                reads[source] = _Read(PRE, self._box(node, source, (0, 0), size), size, other.layout)
+                reads[source] = _Read(PRE, self._taps(node, source))
             elif other.axes != value.axes:
-                index = self._unless_whole(self._box(node, source, (0, 0), size), source)
-                reads[source] = _Read(STATE, index, size, other.layout)
+                reads[source] = _Read(STATE, self._taps(node, source))
             else:
                 reads[source] = _Read(FRESH)
         return reads
 
-    def _box(self, node: fx.Node, source: Optional[fx.Node], shift: tuple[int, int], size: tuple[int, int],
-             stride: tuple[int, int] = (1, 1)) -> Tensor:
-        """(n, L) flat indices into ``source``'s padded map (its unpadded map for None: a held map of
-        ``node``'s size) of the box that starts at ``node``'s box start * stride + shift."""
-        value = self.plan.values[node if source is None else source]
-        margin = 0 if source is None else value.margin
-        width = value.axes[1].length + 2 * margin
-        first_y, first_x = self.starts[node]
-        ys = (first_y * stride[0] + shift[0] + margin)[:, None] + torch.arange(size[0], device=first_y.device)
-        xs = (first_x * stride[1] + shift[1] + margin)[:, None] + torch.arange(size[1], device=first_y.device)
-        return (ys[:, :, None] * width + xs[:, None, :]).flatten(1)
-
-    def _unless_whole(self, index: Tensor, source: fx.Node) -> Optional[Tensor]:
-        """None when ``index`` reads (or writes) the whole of ``source``'s kept map at every step:
-        the map itself is then the box."""
-        value = self.plan.values[source]
-        whole = torch.arange(_padded_numel(value) // value.channels, device=index.device)
-        return None if index.shape[1] == len(whole) and bool((index == whole).all()) else index
+    def _taps(self, node: fx.Node, source: Optional[fx.Node], conv: Optional[Conv] = None) -> Tensor:
+        """(positions of ``node``, T) flat indices into ``source``'s padded map (its unpadded map for
+        None: a held map of ``node``'s size) of what ``node`` reads at each of its positions: the
+        patch of ``conv`` (T = kh * kw), else the position itself (T = 1)."""
+        value = self.plan.values[node]
+        source_value = value if source is None else self.plan.values[source]
+        margin = 0 if source is None else source_value.margin
+        width = source_value.axes[1].length + 2 * margin
+        device = self.plan.keep[self.plan.output].device
+        first, reach = [], []
+        for a in (0, 1):
+            o = torch.arange(value.axes[a].length, device=device)
+            if conv is None:
+                first.append(o + margin)
+                reach.append(torch.zeros(1, dtype=torch.long, device=device))
+            else:
+                first.append(o * conv.stride[a] - conv.pad[a] + margin)
+                reach.append(torch.arange(conv.kernel[a], device=device) * conv.dilation[a])
+        ys, xs = first[0][:, None] + reach[0], first[1][:, None] + reach[1]  # (h, T_y), (w, T_x)
+        return (ys[:, None, :, None] * width + xs[None, :, None, :]).flatten(2).flatten(0, 1)
 
     def values(self, perms: Tensor) -> Tensor:
         plan = self.plan
@@ -153,17 +193,13 @@ class RecomputeWalk(Evaluator):
         padded_ranks = {m: F.pad(ranks, (m, m, m, m), value=n).flatten(1) for m in self.margins}
         states = {u: _position_major(plan.base[u], plan.values[u].layout, plan.values[u].margin).repeat_interleave(k, 0)
                   for u in self.kept}
-        rows = {u: plan.keep[u].repeat_interleave(k, 0) for reads in self.reads.values()
-                for u, read in reads.items() if read.kind == ROWS}
         out = torch.empty(self.game.batch, k, n + 1, dtype=torch.float64, device=perms.device)
         out[:, :, 0] = self.empty
         output, margin = plan.output, plan.values[plan.output].margin
         for t in range(n):
-            step = _Step(self, perms[:, t], t, k, states, padded_ranks, rows)
+            step = _Step(self, perms[:, t], t, k, states, padded_ranks)
             for node in self.order:
-                patch = step.patch(node)
-                if node in self.kept:
-                    step.write(node, patch)
+                step.compute(node)
             g = states[output]
             if margin:
                 g = g[:, margin:g.shape[1] - margin, margin:g.shape[2] - margin]
@@ -173,64 +209,117 @@ class RecomputeWalk(Evaluator):
 
 
 class _Step:
-    """One step of a RecomputeWalk: the entering positions, and the boxes recomputed so far."""
+    """One step of a RecomputeWalk: the entering positions, each value's sites, and the values
+    computed at them so far, (B * M, C) for the M sites of every image's rows."""
 
-    def __init__(self, walk: RecomputeWalk, positions: Tensor, t: int, k: int, states: dict, padded_ranks: dict,
-                 rows: dict):
-        self.walk, self.positions, self.t, self.k = walk, positions, t, k
-        self.states, self.padded_ranks, self.rows = states, padded_ranks, rows
+    def __init__(self, walk: RecomputeWalk, positions: Tensor, t: int, k: int, states: dict, padded_ranks: dict):
+        self.walk, self.t, self.k = walk, t, k
+        self.states, self.padded_ranks = states, padded_ranks
+        self.images = walk.game.batch
+        self.sites = {axes: sites.of(positions) for axes, sites in walk.sites.items()}
         self.fresh: dict[fx.Node, Tensor] = {}
+        rows = torch.arange(self.images * k, device=positions.device)
+        for u in walk.entering:  # a kept position-wise value: its kept value enters at the entering position
+            where = walk.writes[u][positions].repeat(self.images, 1).flatten()
+            state, kept = self.states[u], walk.padded[u]
+            per_map = state[0].numel() // state.shape[-1]
+            state.view(-1, state.shape[-1])[rows * per_map + where] = \
+                kept.view(-1, kept.shape[-1])[rows // k * per_map + where]
 
-    def patch(self, node: fx.Node) -> Tensor:
-        """``node``'s value on its box, for every row."""
-        plan, walk = self.walk.plan, self.walk
+    def compute(self, node: fx.Node) -> None:
+        """``node``'s value at its sites, for every row; written into its kept map if it has one."""
+        walk, plan = self.walk, self.walk.plan
         value = plan.values[node]
+        row, index = self.sites[value.axes]
+        if not len(row):
+            return  # no row changes this value: nor any value computed from it at the same sites
+        rows = (torch.arange(self.images, device=row.device)[:, None] * self.k + row).flatten()  # image-major
         reads = walk.reads[node]
-        if value.conv is not None:
+        if node in walk.weights:  # patches (B * M, kh * kw * C) times the weight
             (source, read), = reads.items()
-            patch = value.conv(self._read(source, read))
+            result = F.linear(self._read(source, read, rows, row, index), *walk.weights[node])
+        elif value.conv is not None:  # grouped: on the whole map, then the sites
+            (source,) = reads
+            whole = _grouped(value, self.states[source], plan.values[source].margin)
+            result = whole.view(-1, whole.shape[-1]).index_select(0, rows * value.area + index.repeat(self.images))
         else:
-            inputs = {source: self._read(source, read) for source, read in reads.items()}
+            inputs = {source: self._positions(node, source, read, rows, row, index) for source, read in reads.items()}
             args, kwargs = fx.map_arg((node.args, node.kwargs), lambda u: inputs[u] if u in inputs else plan.keep[u])
-            patch = plan.runner.call(node, args, kwargs)
-        self.fresh[node] = patch
-        return patch
+            result = plan.runner.call(node, args, kwargs).flatten(1)
+        self.fresh[node] = result
+        if node in walk.kept:
+            state = self.states[node]
+            flat = rows[:, None] * (state[0].numel() // state.shape[-1]) + walk.writes[node][index.repeat(self.images)]
+            state.view(-1, state.shape[-1]).index_copy_(0, flat.flatten(), result)
 
-    def write(self, node: fx.Node, patch: Tensor) -> None:
-        """Stores ``node``'s box into its kept map."""
-        index = self.walk.writes[node]
-        rows = _position_major(patch, self.walk.plan.values[node].layout)
-        if index is None:
-            self.states[node] = rows
-            return
-        state = self.states[node]
-        flat = _flat_index(index[self.positions], state, per_row=True)
-        state.view(-1, state.shape[-1]).index_copy_(0, flat, rows.view(-1, rows.shape[-1]))
+    def _positions(self, node: fx.Node, source: fx.Node, read: _Read, rows: Tensor, row: Tensor,
+                   index: Tensor) -> Tensor:
+        """An input of the position-wise ``node`` at its sites, as maps of one position in the input's
+        layout (a held map's is its reader's)."""
+        values = self._read(source, read, rows, row, index)
+        if read.kind == ROWS:
+            return values
+        values_of = self.walk.plan.values
+        layout = values_of[source if source in values_of else node].layout
+        return values.view(-1, 1, 1, values.shape[-1]) if layout == NHWC else values.view(*values.shape, 1, 1)
 
-    def _read(self, source: fx.Node, read: _Read) -> Any:
+    def _read(self, source: fx.Node, read: _Read, rows: Tensor, row: Tensor, index: Tensor) -> Tensor:
+        """(B * M, T * C): what the node reads of ``source`` at its M sites per image (T taps each)."""
         if read.kind == FRESH:
             return self.fresh[source]
-        if read.kind == ROWS:
-            return self.rows[source]
+        if read.kind == ROWS:  # as held: (B * M, C, 1, 1)
+            return self.walk.plan.keep[source].index_select(0, rows // self.k)
+        taps = read.taps[index].repeat(self.images, 1)  # (B * M, T) in the source's padded map
         if read.kind == STATE:
-            state = self.states[source]
-            rows = state if read.index is None else _gather(state, read.index[self.positions], read.size, True)
-            return _in_layout(rows, read.layout)
+            return _gather(self.states[source], rows[:, None], taps)
         if read.kind == MAP:
-            return _in_layout(_gather(self.walk.maps[source], read.index[self.positions], read.size, False),
-                              read.layout)
-        maps = self.walk.padded[source]  # PRE: each position's kept or baseline value, by whether it is in
-        index = read.index[self.positions]
-        out = self.padded_ranks[self.walk.plan.values[source].margin].gather(1, index) > self.t  # (K, L)
-        images = maps.shape[0] // 2
-        flat = _flat_index(index, maps[:images], False).view(images, self.k, -1) + out * (maps[:images].numel()
-                                                                                     // maps.shape[-1])
-        rows = maps.view(-1, maps.shape[-1]).index_select(0, flat.flatten())
-        return _in_layout(rows.view(-1, *read.size, maps.shape[-1]), read.layout)
+            return _gather(self.walk.maps[source], (rows // self.k)[:, None], taps)
+        # PRE: each position's kept or baseline value, by whether it is in (the baseline maps follow the kept ones)
+        late = self.padded_ranks[self.walk.plan.values[source].margin][row.repeat(self.images)[:, None], taps] > self.t
+        return _gather(self.walk.padded[source], (rows // self.k)[:, None] + late * self.images, taps)
 
 
-def _box_size(value: Value) -> tuple[int, int]:
-    return value.axes[0].box, value.axes[1].box
+def step_flops(plan: BodyPlan) -> float:
+    """Flops per image of one step of the walk, averaged over the entering positions: each value at
+    its sites, a grouped convolution over its whole map."""
+    sites: dict[tuple[Axis, Axis], Sites] = {}
+    total = 0.0
+    for value in plan.values.values():
+        if value.pre:
+            continue
+        if value.conv is not None and value.conv.module.groups > 1:
+            total += value.flops * value.area
+        else:
+            total += value.flops * sites.setdefault(value.axes, Sites(value.axes, plan.size, torch.device("cpu"))).mean
+    return total
+
+
+def _gather(maps: Tensor, which: Tensor, taps: Tensor) -> Tensor:
+    """(N, T * C): positions ``taps`` (N, T) of the maps ``which`` (N, 1 or T) of ``maps`` (R, H', W', C)."""
+    flat = which * (maps[0].numel() // maps.shape[-1]) + taps
+    return maps.view(-1, maps.shape[-1]).index_select(0, flat.flatten()).view(taps.shape[0], -1)
+
+
+def _patch_weight(plan: BodyPlan, node: fx.Node) -> Optional[tuple[Tensor, Optional[Tensor]]]:
+    """The weight of ``node``, an ungrouped convolution, laid out as its gathered patches are
+    (C_out, kh * kw * C_in), and its bias; None for any other node. A 1 x 1 convolution at single positions is a
+    matrix product too, and as one runs twice as fast (the convolution of (N, C, 1, 1) maps does not
+    take the GEMM path)."""
+    module = plan.module.get_submodule(node.target) if node.op == "call_module" else None
+    if not isinstance(module, nn.Conv2d) or module.groups != 1:
+        return None
+    return module.weight.permute(0, 2, 3, 1).reshape(module.weight.shape[0], -1), module.bias
+
+
+def _grouped(value: Value, state: Tensor, margin: int) -> Tensor:
+    """(N, h, w, C_out): a grouped convolution of the kept maps ``state`` (N, h + 2m, w + 2m, C_in), whose
+    margin m of zeros holds its padding."""
+    conv = value.conv
+    module = conv.module
+    h, w = value.axes[0].length, value.axes[1].length
+    maps = state[:, margin - conv.pad[0]:, margin - conv.pad[1]:].permute(0, 3, 1, 2)
+    out = F.conv2d(maps, module.weight, module.bias, conv.stride, 0, conv.dilation, module.groups)
+    return out[:, :, :h, :w].permute(0, 2, 3, 1).contiguous()
 
 
 def _padded_numel(value: Value) -> int:
@@ -239,28 +328,11 @@ def _padded_numel(value: Value) -> int:
 
 def _position_major(tensor: Tensor, layout: str, margin: int = 0) -> Tensor:
     """(N, H + 2m, W + 2m, C), contiguous: a map in ``layout`` position by position (channels last,
-    so that a box is a gather of whole rows, and convolutions get their fastest layout), with a
-    margin of m zeros."""
+    so that a position is a row to gather), with a margin of m zeros."""
     rows = tensor if layout == NHWC else tensor.permute(0, 2, 3, 1)
     return (F.pad(rows, (0, 0, margin, margin, margin, margin)) if margin else rows).contiguous()
 
 
 def _in_layout(rows: Tensor, layout: str) -> Tensor:
-    """A position-major (N, h, w, C) box as its node reads it: NCHW (channels-last strides) or NHWC."""
+    """A position-major (N, h, w, C) map as its node reads it: NCHW (channels-last strides) or NHWC."""
     return rows if layout == NHWC else rows.permute(0, 3, 1, 2)
-
-
-def _flat_index(index: Tensor, maps: Tensor, per_row: bool) -> Tensor:
-    """Row indices into ``maps`` (N, Hp, Wp, C) viewed as (N * Hp * Wp, C) of the (K, L) box
-    positions ``index``, for every row of the walk (image-major): rows have their own maps
-    (``per_row``: N = B * K) or share their image's (N = B)."""
-    k = index.shape[0]
-    positions = maps.shape[1] * maps.shape[2]
-    first = torch.arange(maps.shape[0], device=index.device).view(-1, k if per_row else 1, 1) * positions
-    return (first + index.view(1, k, -1)).flatten()
-
-
-def _gather(maps: Tensor, index: Tensor, size: tuple[int, int], per_row: bool) -> Tensor:
-    """(B * K, h, w, C): the (K, L) box positions ``index`` of every row (see ``_flat_index``)."""
-    rows = maps.view(-1, maps.shape[-1]).index_select(0, _flat_index(index, maps, per_row))
-    return rows.view(-1, *size, maps.shape[-1])
