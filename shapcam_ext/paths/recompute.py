@@ -9,11 +9,12 @@ pool's input). At each step it computes every other value at its sites only, the
 row in one batch of single positions: a convolution as the product of the gathered k x k input
 patches with its weight, a position-wise op from its inputs at the same sites. Values
 position-wise in the activation are read from their kept and baseline maps, by whether each
-position is in. A grouped (depthwise) convolution instead runs on the whole kept map of its input
-and its sites are picked from the result: its few flops per byte make gathering k x k patches
-(k * k copies of the input) slower than convolving every position (about 10x for a 5 x 5
-depthwise conv of 1152 channels on a 7 x 7 map). The front and the tail then run on the pool's
-input, once per step.
+position is in. A grouped (depthwise) convolution whose patches would hold more values than its
+input's map instead runs on the whole kept map and its sites are picked from the result: with
+few flops per byte, gathering k x k patches (k * k copies of the input) is slower than convolving
+every position (about 10x for a 5 x 5 depthwise conv of 1152 channels on a 7 x 7 map). Where a
+step's sites are the whole map, kept maps are read and written whole. The front and the tail then
+run on the pool's input, once per step.
 
 Sites rather than one box per value (the box that holds every step's changes): an entering
 position at the map's edge, or at an index a stride-2 convolution skips, changes a fraction of
@@ -143,7 +144,7 @@ class RecomputeWalk(Evaluator):
         plan = self.plan
         if value.conv is not None:
             source = node.args[0]
-            if value.conv.module.groups > 1:
+            if _on_whole_map(plan, node, self._sites(node)):
                 return {source: _Read(WHOLE)}
             kind = PRE if plan.values[source].pre else STATE
             return {source: _Read(kind, self._taps(node, source, value.conv))}
@@ -208,6 +209,18 @@ class RecomputeWalk(Evaluator):
         return out
 
 
+@dataclass(frozen=True)
+class _Where:
+    """The sites of one step for values of one geometry: ``row`` (M,) the row of the K permutations
+    and ``index`` (M,) the position of each site; ``rows`` (B * M,) its row among all images' (image-
+    major); ``whole``: every row's sites are its whole map, in order (its kept map is then the result)."""
+
+    row: Tensor
+    index: Tensor
+    rows: Tensor
+    whole: bool
+
+
 class _Step:
     """One step of a RecomputeWalk: the entering positions, each value's sites, and the values
     computed at them so far, (B * M, C) for the M sites of every image's rows."""
@@ -215,12 +228,16 @@ class _Step:
     def __init__(self, walk: RecomputeWalk, positions: Tensor, t: int, k: int, states: dict, padded_ranks: dict):
         self.walk, self.t, self.k = walk, t, k
         self.states, self.padded_ranks = states, padded_ranks
-        self.images = walk.game.batch
-        self.sites = {axes: sites.of(positions) for axes, sites in walk.sites.items()}
+        self.images = images = walk.game.batch
+        self.where = {}
+        for axes, sites in walk.sites.items():
+            row, index = sites.of(positions)
+            rows = (torch.arange(images, device=row.device)[:, None] * k + row).flatten()
+            self.where[axes] = _Where(row, index, rows, len(row) == k * axes[0].length * axes[1].length)
         self.fresh: dict[fx.Node, Tensor] = {}
-        rows = torch.arange(self.images * k, device=positions.device)
+        rows = torch.arange(images * k, device=positions.device)
         for u in walk.entering:  # a kept position-wise value: its kept value enters at the entering position
-            where = walk.writes[u][positions].repeat(self.images, 1).flatten()
+            where = walk.writes[u][positions].repeat(images, 1).flatten()
             state, kept = self.states[u], walk.padded[u]
             per_map = state[0].numel() // state.shape[-1]
             state.view(-1, state.shape[-1])[rows * per_map + where] = \
@@ -230,53 +247,60 @@ class _Step:
         """``node``'s value at its sites, for every row; written into its kept map if it has one."""
         walk, plan = self.walk, self.walk.plan
         value = plan.values[node]
-        row, index = self.sites[value.axes]
-        if not len(row):
+        where = self.where[value.axes]
+        if not len(where.row):
             return  # no row changes this value: nor any value computed from it at the same sites
-        rows = (torch.arange(self.images, device=row.device)[:, None] * self.k + row).flatten()  # image-major
         reads = walk.reads[node]
-        if node in walk.weights:  # patches (B * M, kh * kw * C) times the weight
-            (source, read), = reads.items()
-            result = F.linear(self._read(source, read, rows, row, index), *walk.weights[node])
-        elif value.conv is not None:  # grouped: on the whole map, then the sites
+        if value.conv is not None and WHOLE in {read.kind for read in reads.values()}:
             (source,) = reads
-            whole = _grouped(value, self.states[source], plan.values[source].margin)
-            result = whole.view(-1, whole.shape[-1]).index_select(0, rows * value.area + index.repeat(self.images))
+            result = _grouped(value, self.states[source], plan.values[source].margin).view(-1, value.channels)
+            if not where.whole:
+                result = result.index_select(0, where.rows * value.area + where.index.repeat(self.images))
+        elif value.conv is not None or node in walk.weights:  # patches (B * M, kh * kw * C), convolved
+            (source, read), = reads.items()
+            result = _convolve(value, self._read(source, read, where), walk.weights.get(node))
         else:
-            inputs = {source: self._positions(node, source, read, rows, row, index) for source, read in reads.items()}
+            inputs = {source: self._positions(node, source, read, where) for source, read in reads.items()}
             args, kwargs = fx.map_arg((node.args, node.kwargs), lambda u: inputs[u] if u in inputs else plan.keep[u])
             result = plan.runner.call(node, args, kwargs).flatten(1)
         self.fresh[node] = result
         if node in walk.kept:
             state = self.states[node]
-            flat = rows[:, None] * (state[0].numel() // state.shape[-1]) + walk.writes[node][index.repeat(self.images)]
-            state.view(-1, state.shape[-1]).index_copy_(0, flat.flatten(), result)
+            if where.whole:
+                _interior(state, value.margin).copy_(result.view(state.shape[0], value.axes[0].length, value.axes[1].length, -1))
+            else:
+                flat = where.rows[:, None] * (state[0].numel() // state.shape[-1]) + walk.writes[node][
+                    where.index.repeat(self.images)]
+                state.view(-1, state.shape[-1]).index_copy_(0, flat.flatten(), result)
 
-    def _positions(self, node: fx.Node, source: fx.Node, read: _Read, rows: Tensor, row: Tensor,
-                   index: Tensor) -> Tensor:
+    def _positions(self, node: fx.Node, source: fx.Node, read: _Read, where: _Where) -> Tensor:
         """An input of the position-wise ``node`` at its sites, as maps of one position in the input's
         layout (a held map's is its reader's)."""
-        values = self._read(source, read, rows, row, index)
+        values = self._read(source, read, where)
         if read.kind == ROWS:
             return values
         values_of = self.walk.plan.values
         layout = values_of[source if source in values_of else node].layout
         return values.view(-1, 1, 1, values.shape[-1]) if layout == NHWC else values.view(*values.shape, 1, 1)
 
-    def _read(self, source: fx.Node, read: _Read, rows: Tensor, row: Tensor, index: Tensor) -> Tensor:
+    def _read(self, source: fx.Node, read: _Read, where: _Where) -> Tensor:
         """(B * M, T * C): what the node reads of ``source`` at its M sites per image (T taps each)."""
         if read.kind == FRESH:
             return self.fresh[source]
         if read.kind == ROWS:  # as held: (B * M, C, 1, 1)
-            return self.walk.plan.keep[source].index_select(0, rows // self.k)
-        taps = read.taps[index].repeat(self.images, 1)  # (B * M, T) in the source's padded map
+            return self.walk.plan.keep[source].index_select(0, where.rows // self.k)
+        if read.kind == STATE and where.whole and read.taps.shape[1] == 1:
+            state = self.states[source]
+            return _interior(state, self.walk.plan.values[source].margin).reshape(-1, state.shape[-1])
+        taps = read.taps[where.index].repeat(self.images, 1)  # (B * M, T) in the source's padded map
         if read.kind == STATE:
-            return _gather(self.states[source], rows[:, None], taps)
+            return _gather(self.states[source], where.rows[:, None], taps)
         if read.kind == MAP:
-            return _gather(self.walk.maps[source], (rows // self.k)[:, None], taps)
+            return _gather(self.walk.maps[source], (where.rows // self.k)[:, None], taps)
         # PRE: each position's kept or baseline value, by whether it is in (the baseline maps follow the kept ones)
-        late = self.padded_ranks[self.walk.plan.values[source].margin][row.repeat(self.images)[:, None], taps] > self.t
-        return _gather(self.walk.padded[source], (rows // self.k)[:, None] + late * self.images, taps)
+        ranks = self.padded_ranks[self.walk.plan.values[source].margin]
+        late = ranks[where.row.repeat(self.images)[:, None], taps] > self.t
+        return _gather(self.walk.padded[source], (where.rows // self.k)[:, None] + late * self.images, taps)
 
 
 def step_flops(plan: BodyPlan) -> float:
@@ -284,20 +308,31 @@ def step_flops(plan: BodyPlan) -> float:
     its sites, a grouped convolution over its whole map."""
     sites: dict[tuple[Axis, Axis], Sites] = {}
     total = 0.0
-    for value in plan.values.values():
+    for node, value in plan.values.items():
         if value.pre:
             continue
-        if value.conv is not None and value.conv.module.groups > 1:
-            total += value.flops * value.area
-        else:
-            total += value.flops * sites.setdefault(value.axes, Sites(value.axes, plan.size, torch.device("cpu"))).mean
+        where = sites.setdefault(value.axes, Sites(value.axes, plan.size, torch.device("cpu")))
+        total += value.flops * (value.area if value.conv and _on_whole_map(plan, node, where) else where.mean)
     return total
+
+
+def _on_whole_map(plan: BodyPlan, node: fx.Node, sites: Sites) -> bool:
+    """Whether the convolution ``node`` runs on the whole kept map of its input: a grouped one whose
+    patches at its sites would hold more values than that map (see the module's docstring)."""
+    value, source = plan.values[node], plan.values[node.args[0]]
+    padded = (source.axes[0].length + 2 * source.margin) * (source.axes[1].length + 2 * source.margin)
+    return value.conv.module.groups > 1 and sites.mean * value.conv.kernel[0] * value.conv.kernel[1] > padded
 
 
 def _gather(maps: Tensor, which: Tensor, taps: Tensor) -> Tensor:
     """(N, T * C): positions ``taps`` (N, T) of the maps ``which`` (N, 1 or T) of ``maps`` (R, H', W', C)."""
     flat = which * (maps[0].numel() // maps.shape[-1]) + taps
     return maps.view(-1, maps.shape[-1]).index_select(0, flat.flatten()).view(taps.shape[0], -1)
+
+
+def _interior(state: Tensor, margin: int) -> Tensor:
+    """The map inside a kept map's margin of zeros."""
+    return state[:, margin:state.shape[1] - margin, margin:state.shape[2] - margin] if margin else state
 
 
 def _patch_weight(plan: BodyPlan, node: fx.Node) -> Optional[tuple[Tensor, Optional[Tensor]]]:
@@ -309,6 +344,17 @@ def _patch_weight(plan: BodyPlan, node: fx.Node) -> Optional[tuple[Tensor, Optio
     if not isinstance(module, nn.Conv2d) or module.groups != 1:
         return None
     return module.weight.permute(0, 2, 3, 1).reshape(module.weight.shape[0], -1), module.bias
+
+
+def _convolve(value: Value, patches: Tensor, weight: Optional[tuple[Tensor, Optional[Tensor]]]) -> Tensor:
+    """(N, C_out): a convolution at N positions from their gathered (N, kh * kw * C_in) patches: one
+    matrix product with ``weight`` (see _patch_weight), or a grouped convolution of the patches as
+    kh x kw maps."""
+    if weight is not None:
+        return F.linear(patches, *weight)
+    conv = value.conv
+    maps = patches.view(-1, *conv.kernel, conv.module.in_channels).permute(0, 3, 1, 2)
+    return F.conv2d(maps, conv.module.weight, conv.module.bias, groups=conv.module.groups).flatten(1)
 
 
 def _grouped(value: Value, state: Tensor, margin: int) -> Tensor:
