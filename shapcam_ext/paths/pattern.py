@@ -100,6 +100,7 @@ class HeadPattern:
 
     @property
     def activation_layout(self) -> str:
+        """The layout the body reads the activation in."""
         return self.layouts[next(iter(self.body.graph.nodes)).name]
 
     @property

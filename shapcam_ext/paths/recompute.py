@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from shapcam_ext.game import Game
 from shapcam_ext.ops import permutation_ranks
-from shapcam_ext.paths.pattern import NHWC
+from shapcam_ext.paths.pattern import _BATCHNORM_ACT_MODULES, _BATCHNORM_MODULES, NHWC
 from shapcam_ext.paths.protocol import Evaluator
 from shapcam_ext.paths.receptive import Axis, BodyPlan, Conv, Value
 
@@ -107,8 +107,21 @@ class RecomputeWalk(Evaluator):
             self.kept |= {u for u, read in self.reads[node].items() if read.kind in (STATE, WHOLE)}
         self.writes = {node: self._taps(node, node) for node in self.kept}
         self.entering = [u for u in self.kept if plan.values[u].pre]  # kept maps that change at the entering position
-        # the weight and bias each ungrouped convolution (k x k, or 1 x 1 and position-wise) applies to its patches
-        self.weights = {node: weight for node in self.order if (weight := _patch_weight(plan, node)) is not None}
+        # every convolution's weight and bias (a batch norm that only it feeds folded in), and what
+        # is left of those batch norms: their activation
+        self.weights = {node: _conv_weight(plan, node) for node in self.order
+                        if plan.values[node].conv is not None or _pointwise(plan, node)}
+        self.folded = {}
+        for node in self.order:
+            source = next((u for u in self.reads[node] if u in self.weights), None)
+            if source is not None and len(source.users) == 1 and source not in self.kept and \
+                    self.reads[node][source].kind == FRESH and (folded := _fold(plan, node)) is not None:
+                scale, shift, self.folded[node] = folded
+                weight, bias = self.weights[source]
+                self.weights[source] = (weight * scale.view(-1, *[1] * (weight.dim() - 1)),
+                                        shift if bias is None else bias * scale + shift)
+        self.patches = {node: weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1)
+                        for node, (weight, _) in self.weights.items() if _ungrouped(plan, node)}
         self.margins = sorted({plan.values[u].margin for reads in self.reads.values()
                                for u, read in reads.items() if read.kind == PRE})
         # a position-wise value's kept maps of the B images, then its baseline maps
@@ -253,12 +266,20 @@ class _Step:
         reads = walk.reads[node]
         if value.conv is not None and WHOLE in {read.kind for read in reads.values()}:
             (source,) = reads
-            result = _grouped(value, self.states[source], plan.values[source].margin).view(-1, value.channels)
+            result = _grouped(value, self.states[source], plan.values[source].margin, *walk.weights[node])
+            result = result.view(-1, value.channels)
             if not where.whole:
                 result = result.index_select(0, where.rows * value.area + where.index.repeat(self.images))
-        elif value.conv is not None or node in walk.weights:  # patches (B * M, kh * kw * C), convolved
+        elif node in walk.weights:  # patches (B * M, kh * kw * C), convolved
             (source, read), = reads.items()
-            result = _convolve(value, self._read(source, read, where), walk.weights.get(node))
+            patches = self._read(source, read, where)
+            if node in walk.patches:
+                result = F.linear(patches, walk.patches[node], walk.weights[node][1])
+            else:
+                result = _grouped_patches(value, patches, *walk.weights[node])
+        elif node in walk.folded:  # a batch norm folded into the convolution before it
+            (source,) = reads
+            result = walk.folded[node](self.fresh[source])
         else:
             inputs = {source: self._positions(node, source, read, where) for source, read in reads.items()}
             args, kwargs = fx.map_arg((node.args, node.kwargs), lambda u: inputs[u] if u in inputs else plan.keep[u])
@@ -335,36 +356,53 @@ def _interior(state: Tensor, margin: int) -> Tensor:
     return state[:, margin:state.shape[1] - margin, margin:state.shape[2] - margin] if margin else state
 
 
-def _patch_weight(plan: BodyPlan, node: fx.Node) -> Optional[tuple[Tensor, Optional[Tensor]]]:
-    """The weight of ``node``, an ungrouped convolution, laid out as its gathered patches are
-    (C_out, kh * kw * C_in), and its bias; None for any other node. A 1 x 1 convolution at single positions is a
-    matrix product too, and as one runs twice as fast (the convolution of (N, C, 1, 1) maps does not
-    take the GEMM path)."""
+def _pointwise(plan: BodyPlan, node: fx.Node) -> bool:
+    """Whether ``node`` is an ungrouped position-wise (1 x 1) convolution: at single positions a
+    matrix product, and run as one twice as fast (a convolution of (N, C, 1, 1) maps does not take
+    the GEMM path)."""
     module = plan.module.get_submodule(node.target) if node.op == "call_module" else None
-    if not isinstance(module, nn.Conv2d) or module.groups != 1:
+    return isinstance(module, nn.Conv2d) and module.groups == 1
+
+
+def _conv_weight(plan: BodyPlan, node: fx.Node) -> tuple[Tensor, Optional[Tensor]]:
+    module = plan.module.get_submodule(node.target)
+    return module.weight, module.bias
+
+
+def _ungrouped(plan: BodyPlan, node: fx.Node) -> bool:
+    """Whether the convolution ``node`` is one matrix product of its patches with its weight."""
+    return plan.module.get_submodule(node.target).groups == 1
+
+
+def _fold(plan: BodyPlan, node: fx.Node) -> Optional[tuple[Tensor, Tensor, Callable[[Tensor], Tensor]]]:
+    """(scale, shift, what is left) of ``node`` when it is an eval-mode batch norm, which the
+    convolution before it can take in: x * scale + shift, then its activation (timm's BatchNormAct2d)
+    or nothing. Folded, the walk skips a pass over the values: the product rounds once more."""
+    module = plan.module.get_submodule(node.target) if node.op == "call_module" else None
+    kind = type(module)
+    if kind not in _BATCHNORM_MODULES and kind not in _BATCHNORM_ACT_MODULES or module.weight is None:
         return None
-    return module.weight.permute(0, 2, 3, 1).reshape(module.weight.shape[0], -1), module.bias
+    scale = module.weight * (module.running_var + module.eps).rsqrt()
+    shift = module.bias - module.running_mean * scale
+    rest = (lambda x: module.act(module.drop(x))) if kind in _BATCHNORM_ACT_MODULES else (lambda x: x)
+    return scale, shift, rest
 
 
-def _convolve(value: Value, patches: Tensor, weight: Optional[tuple[Tensor, Optional[Tensor]]]) -> Tensor:
-    """(N, C_out): a convolution at N positions from their gathered (N, kh * kw * C_in) patches: one
-    matrix product with ``weight`` (see _patch_weight), or a grouped convolution of the patches as
-    kh x kw maps."""
-    if weight is not None:
-        return F.linear(patches, *weight)
+def _grouped_patches(value: Value, patches: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """(N, C_out): a grouped convolution at N positions from their gathered (N, kh * kw * C_in)
+    patches, as kh x kw maps."""
     conv = value.conv
     maps = patches.view(-1, *conv.kernel, conv.module.in_channels).permute(0, 3, 1, 2)
-    return F.conv2d(maps, conv.module.weight, conv.module.bias, groups=conv.module.groups).flatten(1)
+    return F.conv2d(maps, weight, bias, groups=conv.module.groups).flatten(1)
 
 
-def _grouped(value: Value, state: Tensor, margin: int) -> Tensor:
+def _grouped(value: Value, state: Tensor, margin: int, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     """(N, h, w, C_out): a grouped convolution of the kept maps ``state`` (N, h + 2m, w + 2m, C_in), whose
     margin m of zeros holds its padding."""
     conv = value.conv
-    module = conv.module
     h, w = value.axes[0].length, value.axes[1].length
     maps = state[:, margin - conv.pad[0]:, margin - conv.pad[1]:].permute(0, 3, 1, 2)
-    out = F.conv2d(maps, module.weight, module.bias, conv.stride, 0, conv.dilation, module.groups)
+    out = F.conv2d(maps, weight, bias, conv.stride, 0, conv.dilation, conv.module.groups)
     return out[:, :, :h, :w].permute(0, 2, 3, 1).contiguous()
 
 
