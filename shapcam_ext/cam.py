@@ -31,6 +31,14 @@ class ShapCAM:
     afterwards, so parameters and buffers stay bit-identical and a model in training mode gets
     the maps of its evaluation mode.
 
+    Differentiable maps: ``explain(x, targets, create_graph=True)`` (or ``prepare`` and
+    ``estimate`` with ``create_graph=True``) records autograd's graph, still in eval mode, and
+    returns results whose ``shapley`` and ``feature_map`` have a ``grad_fn``: for the permutations
+    drawn (fixed by the seed), the estimate is a differentiable function of the model's
+    parameters, the input and the baseline, so a loss on the map trains the model. The graph's
+    memory is bounded (see :mod:`shapcam_ext.engine`); gradients go wherever the caller's
+    ``backward`` sends them, never written by ShapCAM itself.
+
     Args:
         model: the network.
         target_layers: a list of modules (or qualified names) whose output positions are the
@@ -71,20 +79,21 @@ class ShapCAM:
         self.engine = ShapleyEngine(model, cuts, self.config, reshape_transform, progress)
         self.outputs: Any = None
 
-    def prepare(self, input_tensor: torch.Tensor) -> Prepared:
+    def prepare(self, input_tensor: torch.Tensor, create_graph: bool = False) -> Prepared:
         """Runs the model once on a batch and keeps what every explanation of it reads: the
         model's output (``.outputs``, also kept as ``self.outputs``) and each target layer's
-        activation and held values (``.layers``).
+        activation and held values (``.layers``). With ``create_graph``, the pass records its
+        autograd graph, which ``estimate(..., create_graph=True)`` needs.
 
         Raises:
             TypeError / ValueError: input the model cannot take, named with the fix.
         """
-        prepared = self.engine.prepare(input_tensor)
+        prepared = self.engine.prepare(input_tensor, create_graph)
         self.outputs = prepared.outputs
         return prepared
 
     def estimate(self, prepared: Prepared, targets: Optional[Sequence[Target]] = None,
-                 layer: int = 0) -> List[ShapleyResult]:
+                 layer: int = 0, create_graph: bool = False) -> List[ShapleyResult]:
         """Full results (signed map, standard errors, efficiency, timing) of a prepared batch for
         one target layer; no model forward runs again.
 
@@ -93,17 +102,22 @@ class ShapCAM:
             targets: one pytorch-grad-cam-style target per image (a callable on one image's
                 output), or None for each image's top class with its softmax probability.
             layer: index into ``target_layers``.
+            create_graph: return differentiable maps (``shapley`` and ``feature_map`` on the
+                model's device, with a ``grad_fn``); ``prepared`` must then come from
+                ``prepare(x, create_graph=True)``.
 
         Raises:
-            TypeError / ValueError: targets or a layer that do not fit, named.
+            TypeError / ValueError: targets or a layer that do not fit, named; create_graph for a
+                batch prepared without its graph.
             shapcam_ext.BatchError: some images failed (its ``results`` has the rest).
         """
-        return self.engine.estimate(prepared, targets, layer)
+        return self.engine.estimate(prepared, targets, layer, create_graph)
 
     def explain(self, input_tensor: torch.Tensor, targets: Optional[Sequence[Target]] = None,
-                layer: int = 0) -> List[ShapleyResult]:
-        """``estimate(prepare(input_tensor), targets, layer)``: one forward pass, then the maps."""
-        return self.estimate(self.prepare(input_tensor), targets, layer)
+                layer: int = 0, create_graph: bool = False) -> List[ShapleyResult]:
+        """``estimate(prepare(input_tensor, create_graph), targets, layer, create_graph)``: one
+        forward pass, then the maps (differentiable ones with ``create_graph``)."""
+        return self.estimate(self.prepare(input_tensor, create_graph), targets, layer, create_graph)
 
     def forward(self, input_tensor: torch.Tensor, targets: Optional[Sequence[Target]] = None,
                 eigen_smooth: bool = False) -> np.ndarray:

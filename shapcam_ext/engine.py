@@ -8,6 +8,15 @@ streams permutations in rounds (:mod:`shapcam_ext.sampling`), lets the path accu
 marginal contributions on the model's device (:mod:`shapcam_ext.statistics`), and stops when the
 permutations are spent or the tolerance is met. Every public API (ShapCAM, the adapters, the CLI)
 goes through these two calls, so one forward pass serves every layer and method of a batch.
+
+With ``create_graph`` both phases record their autograd graph (the modules still in eval mode),
+and the maps come back as differentiable functions of the model's parameters, the input and the
+baseline, for the permutations drawn: a loss on them can be trained. What the graph keeps until
+the backward is bounded and counted by the memory planner (:mod:`shapcam_ext.memory`): the trunk's
+graph, the tensors the path holds (the activation, the baseline, the held values; a fast path's
+tables), and per permutation its order and the worths of its prefixes; every chunk of head
+evaluations (or round of a walk) is recomputed in the backward rather than kept. The self-check
+and the cost probe stay out of the graph.
 """
 from __future__ import annotations
 
@@ -26,7 +35,7 @@ from shapcam_ext._backend import backend_info
 from shapcam_ext.config import SamplingConfig
 from shapcam_ext.game import Game
 from shapcam_ext.head import ModelCuts, Prepared
-from shapcam_ext.memory import MemoryPlanner
+from shapcam_ext.memory import MemoryPlanner, graph_bytes_per_permutation
 from shapcam_ext.model_state import eval_semantics
 from shapcam_ext.paths import Evaluator, Proof, evaluator_for, proof_of
 from shapcam_ext.players import PlayerGrid
@@ -44,6 +53,8 @@ PILOT_PERMUTATIONS = 64
 NON_FINITE_ACTIVATION = "the target layer's activation has NaN or Inf values; check the input and the model's weights"
 NON_FINITE_SCORE = ("the target's score is NaN or Inf for some coalitions (check the model's weights and the "
                     "target); no map was made")
+NO_GRAPH = ("create_graph=True needs a batch prepared with its graph, or no gradient would reach the model before "
+            "the target layer; prepare it with prepare(x, create_graph=True)")
 
 
 def check_input(input_tensor, model: torch.nn.Module) -> None:
@@ -91,33 +102,38 @@ class ShapleyEngine:
         with eval_semantics(model):
             self.proofs = [proof_of(split, config.fast_path) for split in cuts.splits]
 
-    def prepare(self, input_tensor: torch.Tensor) -> Prepared:
-        """Runs the model once on a batch, under eval semantics, for every target layer.
+    def prepare(self, input_tensor: torch.Tensor, create_graph: bool = False) -> Prepared:
+        """Runs the model once on a batch, under eval semantics, for every target layer; with
+        ``create_graph``, under autograd, so that a map's gradients reach the trunk.
 
         Raises:
             TypeError / ValueError: input the model cannot take, named with the fix.
         """
         check_input(input_tensor, self.model)
-        with eval_semantics(self.model):
+        with eval_semantics(self.model, grad=create_graph):
             return self.cuts.run(input_tensor)
 
     def estimate(self, prepared: Prepared, targets: Optional[Sequence[Target]] = None,
-                 layer: int = 0) -> List[ShapleyResult]:
-        """Shapley maps of a prepared batch at target layer ``layer`` (an index into the layers).
+                 layer: int = 0, create_graph: bool = False) -> List[ShapleyResult]:
+        """Shapley maps of a prepared batch at target layer ``layer`` (an index into the layers);
+        with ``create_graph``, differentiable ones (see the module's docstring).
 
         Raises:
             BatchError: some images failed (non-finite activations or worths); its ``results``
                 holds the others.
-            TypeError / ValueError: targets or a layer index that cannot work, named.
+            TypeError / ValueError: targets or a layer index that cannot work, named; create_graph
+                for a batch prepared without its graph.
         """
         if not isinstance(prepared, Prepared):
             raise TypeError(f"prepared must come from prepare(x), got {type(prepared).__name__}")
         if not 0 <= layer < len(self.proofs) or isinstance(layer, bool):
             raise ValueError(f"layer must index the {len(self.proofs)} target layer(s), got {layer!r}")
+        if create_graph and not prepared.graph:
+            raise ValueError(NO_GRAPH)
         start = time.perf_counter()
         cut = prepared.layers[layer]
         batch = prepared.input.shape[0]
-        with eval_semantics(self.model):
+        with eval_semantics(self.model, grad=create_graph):
             grid = PlayerGrid(cut.activation, self.reshape_transform, self.config.group_size)
             with host_reads(grid.players.device):
                 targets = resolve_targets(targets, prepared.outputs, batch)
@@ -126,7 +142,7 @@ class ShapleyEngine:
             failures = {i: NON_FINITE_ACTIVATION for i, ok in enumerate(finite) if not ok}
             results: List[Optional[ShapleyResult]] = [None] * batch
             for images in _runs([i for i, ok in enumerate(finite) if ok]):
-                game = self._game(grid, cut.held, cut.head, cut.name, batch, targets, baseline, images)
+                game = self._game(grid, cut.held, cut.head, cut.name, batch, targets, baseline, images, create_graph)
                 run = _Run(self, game, self.proofs[layer], prepared.seconds + time.perf_counter() - start)
                 for i, outcome in zip(range(images.start, images.stop), run.results()):
                     if isinstance(outcome, str):
@@ -138,17 +154,20 @@ class ShapleyEngine:
         return results
 
     def _game(self, grid: PlayerGrid, held: tuple, head, name: str, batch: int, targets: List[Target],
-              baseline: torch.Tensor, images: slice) -> Game:
+              baseline: torch.Tensor, images: slice, create_graph: bool) -> Game:
         # Which held values are batched like the input (tensors of the head's batch); the rest
         # (None, flags, unbatched tensors) pass through unchanged.
         batched = tuple(isinstance(h, torch.Tensor) and h.dim() > 0 and h.shape[0] == batch for h in held)
         cfg = self.config
+        n = grid.players.shape[-1] * grid.players.shape[-2]
+        walked = math.factorial(n) if cfg.exact else cfg.permutations
+        graph_bytes = walked * graph_bytes_per_permutation(images.stop - images.start, n) if create_graph else None
         return Game(
             layer=name, head=head, grid=grid, players=grid.players[images],
             baseline=baseline[images] if baseline.dim() else baseline,
             held=tuple(h[images] if b else h for h, b in zip(held, batched)), batched=batched,
             targets=tuple(targets[images]), images=images, scorer=Scorer(),
-            planner=MemoryPlanner(cfg.memory_budget, cfg.batch_size), permutations=cfg.permutations,
+            planner=MemoryPlanner(cfg.memory_budget, cfg.batch_size, graph_bytes), permutations=cfg.permutations,
         )
 
 
@@ -165,7 +184,8 @@ class _Run:
         report = _CostReport(game)
         with host_reads(game.device):  # the setup: the ends, the path and its check, the cost probe
             tick = _synchronized_clock(game.device)
-            ends = game.worth(torch.stack([game.base_map(), game.players], 1).flatten(0, 1))  # (b, 2)
+            with torch.no_grad():  # reported as numbers
+                ends = game.worth(torch.stack([game.base_map(), game.players], 1).flatten(0, 1))  # (b, 2)
             report.head_timed(_synchronized_clock(game.device) - tick, 2 * game.batch)
             evaluator = evaluator_for(game, self.proof)
             piloted = cfg.tolerance is not None and cfg.design == "latin" and not cfg.exact
@@ -203,6 +223,8 @@ class _Run:
         finite = (torch.isfinite(mean).all(1) & torch.isfinite(estimate.total_sq).all(1)
                   & torch.isfinite(ends).all(1)).tolist()
         mean, ends = mean.cpu(), ends.double().cpu()
+        # a differentiable map stays on the model's device, where a loss on it runs
+        maps = estimate.differentiable_mean() if estimate.differentiable else mean
         se = None if se is None else se.cpu()
         seconds = time.perf_counter() - self.clock
         h, w = game.players.shape[-2:]
@@ -212,7 +234,7 @@ class _Run:
                 out.append(NON_FINITE_SCORE)
                 continue
             empty, full = ends[i].tolist()
-            shapley = mean[i].view(h, w)
+            shapley = maps[i].view(h, w)
             out.append(ShapleyResult(
                 shapley=shapley,
                 std_error=None if se is None else se[i].view(h, w),
@@ -246,7 +268,8 @@ class _Sampler:
                                               min(block_permutations, cfg.permutations)))
         self.unit = unit = self.stream.unit_size
         self.total = self.stream.total if self.stream.exhaustive else -(-cfg.permutations // unit) * unit
-        self.estimate = RunningEstimate(game.batch, game.n, unit, game.device, self.stream.exhaustive)
+        self.estimate = RunningEstimate(game.batch, game.n, unit, game.device, self.stream.exhaustive,
+                                        game.planner.differentiable)
         self.per_round = max(unit, evaluator.permutations_per_round(unit) // unit * unit)
         self.schedule = _StopSchedule(cfg.tolerance, unit, self.total)
         self.finished = False
@@ -340,6 +363,7 @@ class _CostReport:
                 g.layer, g.batch, g.n, g.n + 1, _duration(first), 1e3 * seconds / rows,
                 _duration(first * g.permutations), g.permutations)
 
+    @torch.no_grad()  # a timing, never part of a differentiable map's graph
     def probe(self, evaluator: Evaluator, projected_total: Optional[int], per_round: int, total: int) -> None:
         """Times the path on one order, then on a batch of them (at most a round, and a sixteenth of
         the run): the two separate a call's fixed cost from each permutation's."""

@@ -22,6 +22,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Collection, Optional, Sequence, Union
 
+import torch
 import torch.fx as fx
 from torch.utils._pytree import tree_map
 from torch import Tensor, nn
@@ -89,12 +90,15 @@ class Prepared:
 
     input: the batch. outputs: the model's output. layers: each target layer's activation and
     held values, in the order of the target layers. seconds: how long the pass took.
+    graph: whether the pass recorded its autograd graph, so that gradients of a map reach the
+    model before the target layer (and the input).
     """
 
     input: Tensor
     outputs: Any
     layers: tuple[LayerActivation, ...]
     seconds: float
+    graph: bool
 
 
 def module_name(model: nn.Module, module: nn.Module) -> str:
@@ -389,7 +393,7 @@ class ModelCuts:
             outputs = self.splits[0].head(trunks[0].activation, *trunks[0].held)
         layers = tuple(LayerActivation(split.layer_name, trunk.activation, trunk.held, split.head)
                        for split, trunk in zip(self.splits, trunks))
-        return Prepared(x, outputs, layers, time.perf_counter() - start)
+        return Prepared(x, outputs, layers, time.perf_counter() - start, torch.is_grad_enabled())
 
 
 def cut_model(

@@ -80,7 +80,8 @@ class PlayerGrid:
         g = self.group_size
         h, w = self.grid_shape[-2:]
         full = values.repeat_interleave(g, -2).repeat_interleave(g, -1)[..., :h, :w]
-        return full / (_positions_per_player(h, g)[:, None] * _positions_per_player(w, g)[None, :])
+        shares = _positions_per_player(h, g)[:, None] * _positions_per_player(w, g)[None, :]
+        return full / shares.to(full.device)  # a differentiable map stays on the model's device
 
 
 def _positions_per_player(size: int, group_size: int) -> torch.Tensor:

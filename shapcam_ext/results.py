@@ -17,7 +17,8 @@ class ShapleyResult:
 
     shapley: (H, W) signed Shapley value of each player (float64, CPU); sums to
         value_full - value_empty up to ``efficiency_gap``. With group_size g, one value per
-        g x g cell of the feature map.
+        g x g cell of the feature map. With ``create_graph``, on the model's device and
+        differentiable (a ``grad_fn``), like ``feature_map``.
     std_error: (H, W) standard error of each value over independent units (a Latin block or an
         antithetic pair counts as one); zeros for exact enumeration; None when undefined (a single
         unit).
@@ -52,7 +53,7 @@ class ShapleyResult:
 
     def cam_image(self, size: Optional[tuple] = None) -> np.ndarray:
         """The map as ShapCAM returns it: ReLU, min-max to [0, 1], resized to size = (width, height)."""
-        return scale_cam_image(self.feature_map[None].clamp_min(0), size)[0]
+        return scale_cam_image(self.feature_map.detach().cpu()[None].clamp_min(0), size)[0]
 
     def __repr__(self) -> str:
         h, w = self.shapley.shape

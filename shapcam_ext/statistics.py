@@ -31,14 +31,29 @@ class RunningEstimate:
     Args:
         batch: images. n: players. unit_size: permutations per independent unit.
         exhaustive: the permutations are all n! orders (exact values, zero standard error).
+        differentiable: also keep ``sums``, the same sums as ``total`` with their autograd graph
+            (:meth:`add_sums`); ``total`` and ``total_sq``, which the stop checks and standard errors
+            read, never hold a graph.
     """
 
-    def __init__(self, batch: int, n: int, unit_size: int, device: torch.device, exhaustive: bool = False):
+    def __init__(self, batch: int, n: int, unit_size: int, device: torch.device, exhaustive: bool = False,
+                 differentiable: bool = False):
         self.total = torch.zeros(batch, n, dtype=torch.float64, device=device)
         self.total_sq = torch.zeros_like(self.total)
         self.unit_size = unit_size
         self.exhaustive = exhaustive
+        self.differentiable = differentiable
+        self.sums: Optional[torch.Tensor] = None
         self.permutations = 0
+
+    def add_sums(self, sums: torch.Tensor) -> None:
+        """Adds (B, n) sums of marginal contributions, out of place, so that their graph is kept."""
+        sums = sums.to(self.total.dtype)
+        self.sums = sums if self.sums is None else self.sums + sums
+
+    def differentiable_mean(self) -> torch.Tensor:
+        """(B, n) the mean of ``sums``, a differentiable function of what the worths depend on."""
+        return self.sums / max(self.permutations, 1)
 
     @property
     def units(self) -> int:

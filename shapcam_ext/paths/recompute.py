@@ -205,7 +205,11 @@ class _Step:
             return
         state = self.states[node]
         flat = _flat_index(index[self.positions], state, per_row=True)
-        state.view(-1, state.shape[-1]).index_copy_(0, flat, rows.view(-1, rows.shape[-1]))
+        target, source = state.view(-1, state.shape[-1]), rows.view(-1, rows.shape[-1])
+        if torch.is_grad_enabled():  # a convolution may have kept this map for its backward: write a new one
+            self.states[node] = target.index_copy(0, flat, source).view_as(state)
+        else:
+            target.index_copy_(0, flat, source)
 
     def _read(self, source: fx.Node, read: _Read) -> Any:
         if read.kind == FRESH:
