@@ -102,6 +102,10 @@ class ShapleyEngine:
         with eval_semantics(model):
             self.proofs = [proof_of(split, config.fast_path) for split in cuts.splits]
 
+    # Under torch.compile both phases run eagerly (one graph break each): they switch module modes,
+    # read the device back (stop checks, results) and time themselves, which would break a traced
+    # graph dozens of times and recompile it on every batch.
+    @torch.compiler.disable
     def prepare(self, input_tensor: torch.Tensor, create_graph: bool = False) -> Prepared:
         """Runs the model once on a batch, under eval semantics, for every target layer; with
         ``create_graph``, under autograd, so that a map's gradients reach the trunk.
@@ -113,6 +117,7 @@ class ShapleyEngine:
         with eval_semantics(self.model, grad=create_graph):
             return self.cuts.run(input_tensor)
 
+    @torch.compiler.disable
     def estimate(self, prepared: Prepared, targets: Optional[Sequence[Target]] = None,
                  layer: int = 0, create_graph: bool = False) -> List[ShapleyResult]:
         """Shapley maps of a prepared batch at target layer ``layer`` (an index into the layers);

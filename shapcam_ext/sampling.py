@@ -94,7 +94,9 @@ class PermutationStream:
             have += block.shape[0]
         rows = torch.cat(parts) if len(parts) > 1 else parts[0]
         self._buffer = rows[count:]
-        return rows[:count]
+        # a copy: a differentiable map's graph holds each round's permutations until its backward,
+        # and a view would hold the whole draw
+        return rows[:count].clone()
 
     def _draw(self) -> torch.Tensor:
         """The next ``_units_per_draw`` units, (units * unit_size, n)."""
