@@ -7,7 +7,9 @@ model is left as it was given.
 """
 from __future__ import annotations
 
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -24,6 +26,7 @@ from pytorch_grad_cam.utils.model_targets import (
 from torch import nn
 
 from shapcam_ext import ShapCAM
+from shapcam_ext.model_state import eval_semantics
 
 
 def assert_efficient(result):
@@ -70,6 +73,53 @@ def test_modes_are_restored_after_an_error():
     cam = ShapCAM(model, ["layer4"], n_permutations=2)
     with pytest.raises(ValueError, match="targets for a batch"):
         cam.explain(torch.randn(1, 3, 32, 32), [ClassifierOutputTarget(1)] * 3)
+    assert all(m.training for m in model.modules())
+
+
+def test_concurrent_calls_give_the_sequential_maps_and_leave_the_model_untouched():
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).train()
+    model.layer2.eval()
+    modes = {name: m.training for name, m in model.named_modules()}
+    before = state_of(model)
+    cam = ShapCAM(model, [model.layer4[-1]], n_permutations=16)
+    threads, calls = 4, 3
+    inputs = [[torch.randn(1, 3, 64, 64) for _ in range(calls)] for _ in range(threads)]
+    sequential = [[cam.explain(x)[0].shapley for x in xs] for xs in inputs]
+    start = threading.Barrier(threads)
+
+    def explain(xs):
+        start.wait()
+        return [cam.explain(x)[0].shapley for x in xs]
+
+    with ThreadPoolExecutor(threads) as pool:
+        concurrent = list(pool.map(explain, inputs))
+    assert all(torch.equal(c, s) for cs, ss in zip(concurrent, sequential) for c, s in zip(cs, ss))
+    assert {name: m.training for name, m in model.named_modules()} == modes
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), "parameters or buffers changed"
+
+
+def test_interleaved_blocks_restore_the_modes_they_found():
+    """Thread b tries to enter while a is inside; a must exit before b enters, or b saves a's eval
+    modes and restores them last (enter a, enter b, exit a, exit b leaves the model in eval)."""
+    model = nn.Sequential(nn.Linear(2, 2), nn.Dropout()).train()
+    inside_a, b_entered, a_exited = threading.Event(), threading.Event(), threading.Event()
+
+    def b():
+        inside_a.wait()
+        with eval_semantics(model):
+            b_entered.set()
+            a_exited.wait(timeout=1.0)
+
+    thread = threading.Thread(target=b)
+    thread.start()
+    with eval_semantics(model):
+        inside_a.set()
+        b_entered.wait(timeout=1.0)  # b waits for the lock: a goes on after the timeout
+    a_exited.set()
+    thread.join()
+    assert b_entered.is_set()
     assert all(m.training for m in model.modules())
 
 
