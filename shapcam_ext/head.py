@@ -12,6 +12,7 @@ split is used instead: correct, but the head reruns the whole model on every cal
 from __future__ import annotations
 
 import difflib
+import sys
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Union
@@ -76,6 +77,22 @@ def module_name(model: nn.Module, module: nn.Module) -> str:
     )
 
 
+_COMPILED_PREFIX = "_orig_mod."
+
+
+def _uncompiled(model: nn.Module, target_layer: Union[nn.Module, str]) -> tuple[nn.Module, Union[nn.Module, str]]:
+    """A ``torch.compile``d model is split at the module it wraps (``_orig_mod``): fx traces that,
+    and its layer names are the ones the user wrote (``"layer4"``; ``"_orig_mod.layer4"``, the
+    compiled model's own name for it, works too). Other models come back as they are."""
+    # A compiled model has imported dynamo; importing it only to check would cost seconds.
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    if eval_frame is None or not isinstance(model, eval_frame.OptimizedModule):
+        return model, target_layer
+    if isinstance(target_layer, str) and target_layer.startswith(_COMPILED_PREFIX):
+        target_layer = target_layer[len(_COMPILED_PREFIX):]
+    return model._orig_mod, target_layer
+
+
 def _resolve_layer(model: nn.Module, target_layer: Union[nn.Module, str]) -> tuple[str, nn.Module]:
     if isinstance(target_layer, nn.Module):
         name = module_name(model, target_layer)
@@ -108,12 +125,30 @@ def _timm_notrace() -> tuple[tuple[type, ...], tuple[Callable, ...]]:
 
 
 class _CutTracer(fx.Tracer):
-    """Keeps the target module (and timm's no-trace modules) as single call_module nodes."""
+    """Keeps the target module (and timm's no-trace modules) as single call_module nodes.
+
+    The graph is the modules' own computation. fx calls a module it traces through with
+    ``Module.__call__``, which would also run the hooks other code keeps on the model (a live
+    GradCAM's call ``register_hook`` on the proxies, which breaks the trace, and would record
+    them as its activations); this tracer calls their ``forward`` instead, as fx already does for
+    the root, and leaves the hooks registered. Leaf modules are called by the extracted graphs,
+    hooks included, as the model calls them.
+
+    A root that defines ``__call__`` instead of ``forward`` (pytorch-grad-cam's embeddings
+    tutorial) is traced through its ``__call__``.
+    """
 
     def __init__(self, target: str, extra_leaves: tuple[type, ...], autowrap_functions: tuple[Callable, ...]):
         super().__init__(autowrap_functions=autowrap_functions)
         self.target = target
         self.extra_leaves = extra_leaves
+
+    def trace(self, root: nn.Module, concrete_args: Optional[dict[str, Any]] = None) -> fx.Graph:
+        self.traced_func_name = "__call__" if type(root).__call__ is not nn.Module.__call__ else "forward"
+        return super().trace(root, concrete_args)
+
+    def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        return super().call_module(m, m.forward, args, kwargs)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name == self.target:
@@ -308,7 +343,8 @@ def split_model(
     ``head(out.activation, *out.held)`` with ``out = trunk(x)`` equals ``model(x)``.
 
     Args:
-        model: the network; its forward takes one input batch.
+        model: the network; its forward (or its ``__call__``, when it defines that instead) takes
+            one input batch. A ``torch.compile``d model is split at the module it wraps.
         target_layer: a submodule of ``model`` or its qualified name (``"layer4"``, ``"features.29"``).
         head: optional callable mapping the target activation to the output. When given, the trunk
             only captures the target output (``held == ()``) and this head is used as is.
@@ -323,6 +359,7 @@ def split_model(
         ValueError: the layer name is unknown, the module is not part of ``model``, or it is the
             model itself.
     """
+    model, target_layer = _uncompiled(model, target_layer)
     name, module = _resolve_layer(model, target_layer)
     if model.training:
         warnings.warn(

@@ -155,6 +155,64 @@ def test_hook_fallback(model, layer, reason):
     assert_close(y3, expected.repeat_interleave(3, dim=0), rtol=1e-5, atol=1e-6)
 
 
+def _traced_split(model, layer, x, reference=None):
+    """The split, checked to be traced and to compute ``reference`` (default: the model)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the fx path must not fall back
+        split = split_model(model, layer)
+    assert split.traced
+    with torch.no_grad():
+        out = split.trunk(x)
+        assert_close(split.head(out.activation, *out.held), (reference or model)(x), rtol=0, atol=0)
+    return split
+
+
+def test_hooks_other_code_keeps_on_the_model_are_neither_traced_nor_touched():
+    """A live pytorch-grad-cam GradCAM on layer3[-1] (the usual side-by-side comparison): its hooks
+    call register_hook on their output, which breaks fx tracing if the tracer runs them."""
+    grad_cam = pytest.importorskip("pytorch_grad_cam")
+    model = _model("resnet18")
+    block = model.layer3[-1]
+    gradcam = grad_cam.GradCAM(model, [block])
+    calls = []
+    block.register_forward_pre_hook(lambda module, args: calls.append("pre"))
+    hooks, pre_hooks = block._forward_hooks, block._forward_pre_hooks
+    registered = (list(hooks.items()), list(pre_hooks.items()))
+    split = _traced_split(model, model.layer4[-1], torch.randn(2, 3, 64, 64))
+    assert split.layer_name == "layer4.1"
+    assert block._forward_hooks is hooks and block._forward_pre_hooks is pre_hooks
+    assert (list(hooks.items()), list(pre_hooks.items())) == registered
+    # The trace ran none of them; the model's own forward pass (above) ran each once.
+    assert calls == ["pre"] and len(gradcam.activations_and_grads.activations) == 1
+
+
+class _CallOnly(nn.Module):
+    """pytorch-grad-cam's embeddings tutorial writes its feature extractor with ``__call__``."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.feature_extractor = nn.Sequential(*list(self.model.children())[:-1])
+
+    def __call__(self, x):
+        return self.feature_extractor(x)[:, :, 0, 0]
+
+
+def test_a_model_that_defines_call_instead_of_forward_is_traced():
+    model = _CallOnly(_model("resnet18")).eval()
+    split = _traced_split(model, model.model.layer4[-1], torch.randn(2, 3, 64, 64))
+    assert split.layer_name == "model.layer4.1"
+
+
+@pytest.mark.parametrize("layer", ["module", "layer4", "_orig_mod.layer4"])
+def test_a_compiled_model_is_split_at_the_model_it_wraps(layer):
+    eager = _model("resnet18")
+    compiled = torch.compile(eager)
+    # Compared with the eager model: running the compiled one would compile it (a minute here).
+    split = _traced_split(compiled, compiled.layer4 if layer == "module" else layer, torch.randn(2, 3, 64, 64), eager)
+    assert split.layer_name == "layer4"
+
+
 def test_explicit_head_is_used_as_given():
     model = _model("resnet18")
     head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), model.fc)
