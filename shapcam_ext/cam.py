@@ -14,12 +14,12 @@ import torch
 
 from shapcam_ext.config import SamplingConfig
 from shapcam_ext.engine import ShapleyEngine, ShapleyResult
-from shapcam_ext.head import split_model
+from shapcam_ext.head import LayerInput, split_model
 from shapcam_ext.model_state import eval_semantics
 from shapcam_ext.postprocess import scale_cam_image
 from shapcam_ext.targets import Target
 
-Layer = Union[torch.nn.Module, str]
+Layer = Union[torch.nn.Module, str, LayerInput]
 
 
 class ShapCAM:
@@ -33,7 +33,8 @@ class ShapCAM:
     Args:
         model: the network.
         target_layers: a list of modules (or qualified names) whose output positions are the
-            players; several layers' maps are averaged as pytorch-grad-cam does.
+            players (``shapcam_ext.head.LayerInput(module)``: its input's positions); several
+            layers' maps are averaged as pytorch-grad-cam does.
         reshape_transform: maps a non-4-D activation (e.g. ViT tokens) to (B, C, h, w); it must
             only rearrange elements (pytorch-grad-cam's ViT and Swin transforms do).
         config: the sampling settings (:class:`shapcam_ext.SamplingConfig`); default: its defaults.
@@ -184,7 +185,7 @@ def _check_target_layers(target_layers: Any) -> list:
     if not layers:
         raise ValueError("target_layers is empty; pass at least one layer, e.g. [model.layer4]")
     for layer in layers:
-        if not isinstance(layer, (str, torch.nn.Module)):
+        if not isinstance(layer, (str, torch.nn.Module, LayerInput)):
             raise TypeError(f"each target layer must be a module of the model or its qualified name, got "
                             f"{type(layer).__name__} {layer!r}; e.g. [model.layer4] or ['layer4']")
     return layers

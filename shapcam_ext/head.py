@@ -22,7 +22,16 @@ from torch import Tensor, nn
 
 from shapcam_ext.fxutils import ancestors, descendants, extract, mutates_first_arg
 
-__all__ = ["SplitModel", "TrunkOutput", "expand_held", "split_model", "module_name"]
+__all__ = ["LayerInput", "SplitModel", "TrunkOutput", "expand_held", "split_model", "module_name"]
+
+
+@dataclass(frozen=True)
+class LayerInput:
+    """The input of ``layer`` (a module or its qualified name) as the cut, instead of its output:
+    the positions of the tensor the layer is called on are the players (Captum's
+    ``attribute_to_layer_input``). The layer must be called on one tensor."""
+
+    layer: Union[nn.Module, str]
 
 
 @dataclass
@@ -247,8 +256,9 @@ class _NotTraceable(Exception):
     """Why the fx split is not possible; the hook path is used instead."""
 
 
-def _fx_split(model: nn.Module, name: str) -> SplitModel:
-    """fx split; raises _NotTraceable (with the reason) when the hook path must be used instead."""
+def _fx_split(model: nn.Module, name: str, at_input: bool) -> SplitModel:
+    """fx split at the output of module ``name`` (at its input with ``at_input``); raises
+    _NotTraceable (with the reason) when the hook path must be used instead."""
     leaves, functions = _timm_notrace()
     try:
         graph = _CutTracer(name, leaves, functions).trace(model)
@@ -260,11 +270,16 @@ def _fx_split(model: nn.Module, name: str) -> SplitModel:
     cuts = [n for n in graph.nodes if n.op == "call_module" and n.target == name]
     if len(cuts) != 1:
         raise _NotTraceable(f"the target layer {name!r} appears {len(cuts)} times in the traced graph, not once")
-    held = _held_values(graph, cuts[0])
+    cut = cuts[0]
+    if at_input:
+        if len(cut.args) != 1 or cut.kwargs or not isinstance(cut.args[0], fx.Node):
+            raise _NotTraceable(f"the target layer {name!r} is not called on one tensor, whose positions could be players")
+        cut = cut.args[0]
+    held = _held_values(graph, cut)
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     output = next(n for n in reversed(graph.nodes) if n.op == "output")
-    trunk_gm = extract(model, graph, placeholders, (cuts[0], *held), keep_defaults=True)
-    head_gm = extract(model, graph, [cuts[0], *held], output.args[0])
+    trunk_gm = extract(model, graph, placeholders, (cut, *held), keep_defaults=True)
+    head_gm = extract(model, graph, [cut, *held], output.args[0])
     _protect_inputs(head_gm, model)
     return SplitModel(_GraphTrunk(trunk_gm), _GraphHead(head_gm, len(held)), name, True, head_gm)
 
@@ -276,24 +291,31 @@ class _CutReached(Exception):
     """Raised by the capture hook to stop the forward pass once the target output is known."""
 
 
+def _cut_hook(target: nn.Module, at_input: bool, hook: Callable) -> Any:
+    """Registers ``hook(module, args, output=None)`` where the cut is: before the target runs
+    (``at_input``; a value it returns replaces the arguments) or after (it replaces the output)."""
+    return target.register_forward_pre_hook(hook) if at_input else target.register_forward_hook(hook)
+
+
 class _HookTrunk(nn.Module):
-    """Runs the model until the target module's first call returns and captures its output.
+    """Runs the model until the target module's first call returns and captures its output
+    (with ``at_input``: until that call starts, capturing its first argument).
 
     With ``hold_input`` the input is returned as the only held value, for the hook head.
     """
 
-    def __init__(self, model: nn.Module, target: nn.Module, name: str, hold_input: bool):
+    def __init__(self, model: nn.Module, target: nn.Module, name: str, hold_input: bool, at_input: bool):
         super().__init__()
-        self.model, self.target, self.name, self.hold_input = model, target, name, hold_input
+        self.model, self.target, self.name, self.hold_input, self.at_input = model, target, name, hold_input, at_input
 
     def forward(self, x: Tensor) -> TrunkOutput:
         captured = []
 
-        def capture(module, inputs, output):
-            captured.append(output)
+        def capture(module, args, output=None):
+            captured.append(args[0] if self.at_input else output)
             raise _CutReached
 
-        handle = self.target.register_forward_hook(capture)
+        handle = _cut_hook(self.target, self.at_input, capture)
         try:
             self.model(x)
         except _CutReached:
@@ -306,22 +328,25 @@ class _HookTrunk(nn.Module):
 
 
 class _HookHead(nn.Module):
-    """Reruns the whole model on the (repeated) input, replacing the target's first output."""
+    """Reruns the whole model on the (repeated) input, replacing the target's first output (with
+    ``at_input``: the first argument of its first call)."""
 
-    def __init__(self, model: nn.Module, target: nn.Module):
+    def __init__(self, model: nn.Module, target: nn.Module, at_input: bool):
         super().__init__()
-        self.model, self.target = model, target
+        self.model, self.target, self.at_input = model, target, at_input
 
     def forward(self, activation: Tensor, x: Tensor) -> Any:
         (x,) = expand_held((x,), activation.shape[0])
         calls = []
 
-        def replace(module, inputs, output):
+        def replace(module, args, output=None):
             calls.append(None)
+            if len(calls) > 1:
+                return None  # later calls keep their own values
             # clone: the layers after the cut may work in place
-            return activation.clone() if len(calls) == 1 else output
+            return (activation.clone(), *args[1:]) if self.at_input else activation.clone()
 
-        handle = self.target.register_forward_hook(replace)
+        handle = _cut_hook(self.target, self.at_input, replace)
         try:
             return self.model(x)
         finally:
@@ -333,7 +358,7 @@ class _HookHead(nn.Module):
 
 def split_model(
     model: nn.Module,
-    target_layer: Union[nn.Module, str],
+    target_layer: Union[nn.Module, str, LayerInput],
     head: Optional[Union[nn.Module, Callable[..., Tensor]]] = None,
 ) -> SplitModel:
     """Cut ``model`` at ``target_layer``.
@@ -345,7 +370,8 @@ def split_model(
     Args:
         model: the network; its forward (or its ``__call__``, when it defines that instead) takes
             one input batch. A ``torch.compile``d model is split at the module it wraps.
-        target_layer: a submodule of ``model`` or its qualified name (``"layer4"``, ``"features.29"``).
+        target_layer: a submodule of ``model`` or its qualified name (``"layer4"``, ``"features.29"``),
+            cut at its output; or :class:`LayerInput` of one, cut at its input.
         head: optional callable mapping the target activation to the output. When given, the trunk
             only captures the target output (``held == ()``) and this head is used as is.
 
@@ -359,8 +385,9 @@ def split_model(
         ValueError: the layer name is unknown, the module is not part of ``model``, or it is the
             model itself.
     """
-    model, target_layer = _uncompiled(model, target_layer)
-    name, module = _resolve_layer(model, target_layer)
+    at_input = isinstance(target_layer, LayerInput)
+    model, layer = _uncompiled(model, target_layer.layer if at_input else target_layer)
+    name, module = _resolve_layer(model, layer)
     if model.training:
         warnings.warn(
             "split_model: the model is in training mode; call model.eval() first, or batch norm and "
@@ -368,13 +395,14 @@ def split_model(
             stacklevel=2,
         )
     if head is not None:
-        return SplitModel(_HookTrunk(model, module, name, hold_input=False), head, name, False, None)
+        return SplitModel(_HookTrunk(model, module, name, False, at_input), head, name, False, None)
     try:
-        return _fx_split(model, name)
+        return _fx_split(model, name, at_input)
     except _NotTraceable as reason:
         warnings.warn(
             f"split_model: torch.fx could not trace {type(model).__name__} at {name!r} ({reason}); "
             "using the slower hook path, whose head reruns the whole model on every call",
             stacklevel=2,
         )
-        return SplitModel(_HookTrunk(model, module, name, hold_input=True), _HookHead(model, module), name, False, None)
+        return SplitModel(_HookTrunk(model, module, name, True, at_input), _HookHead(model, module, at_input),
+                          name, False, None)

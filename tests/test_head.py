@@ -8,7 +8,7 @@ import torchvision
 from torch import nn
 from torch.testing import assert_close
 
-from shapcam_ext.head import module_name, split_model
+from shapcam_ext.head import LayerInput, module_name, split_model
 from shapcam_ext.cli.images import bundled_photos, load_image
 from shapcam_ext.cli.layers import default_layer
 from shapcam_ext.cli.models import imagenet_classes, load_model
@@ -211,6 +211,28 @@ def test_a_compiled_model_is_split_at_the_model_it_wraps(layer):
     # Compared with the eager model: running the compiled one would compile it (a minute here).
     split = _traced_split(compiled, compiled.layer4 if layer == "module" else layer, torch.randn(2, 3, 64, 64), eager)
     assert split.layer_name == "layer4"
+
+
+@pytest.mark.parametrize("model,layer,traced", [
+    (_model("resnet18"), "layer4.1.conv1", True),  # its input is also the block's skip
+    (_Branchy(), "conv2", False),
+])
+def test_cut_at_a_layers_input(model, layer, traced):
+    model.eval()
+    x = torch.randn(2, 3, 32, 32)
+    seen = []
+    handle = model.get_submodule(layer).register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore" if not traced else "error")
+            split, out, y, expected = _split_and_run(model, LayerInput(layer), x)
+    finally:
+        handle.remove()
+    assert split.traced == traced and split.layer_name == layer
+    assert torch.equal(out.activation, seen[-1])
+    assert_close(y, expected, rtol=0, atol=0)
+    with torch.no_grad():  # a masked input reaches the layer: zero it, and the head must differ
+        assert not torch.equal(split.head(torch.zeros_like(out.activation), *out.held), expected)
 
 
 def test_explicit_head_is_used_as_given():
