@@ -19,6 +19,7 @@ from typing import Any, Callable, Optional, Union
 
 import torch.fx as fx
 from torch import Tensor, nn
+from torch.utils._pytree import tree_leaves, tree_map
 
 from shapcam_ext.fxutils import ancestors, descendants, extract, mutates_first_arg
 
@@ -39,14 +40,15 @@ class TrunkOutput:
     """What the trunk returns for a batch of B inputs.
 
     Attributes:
-        activation: the target module's output, (B, C, h, w) for CNNs.
+        activation: the target module's output, (B, C, h, w) for CNNs; a dict or tuple of such
+            maps for layers that return several (an FPN's levels).
         held: other values alive at the cut that the head needs, in a fixed order; pass them to
             the head unchanged (``head(activation, *held)``). Usually tensors of batch B (skip
             inputs; the input itself on the hook path); non-tensor values (e.g. an attention mask
             of None from timm) are passed through as they are.
     """
 
-    activation: Tensor
+    activation: Any
     held: tuple[Tensor, ...]
 
 
@@ -214,6 +216,11 @@ def _protect_inputs(head: fx.GraphModule, root: nn.Module) -> None:
     head.recompile()
 
 
+def _rows(activation: Any) -> int:
+    """The head's batch: the activation's rows (its first map's, for a structure of maps)."""
+    return next(t for t in tree_leaves(activation) if isinstance(t, Tensor)).shape[0]
+
+
 def expand_held(held: tuple[Any, ...], n: int) -> tuple[Any, ...]:
     """Repeat batched held tensors (batch B) to the head's batch N = B*M, image-major."""
     out = []
@@ -246,10 +253,10 @@ class _GraphHead(nn.Module):
         self.graph_module = graph_module
         self.n_held = n_held
 
-    def forward(self, activation: Tensor, *held: Any) -> Any:
+    def forward(self, activation: Any, *held: Any) -> Any:
         if len(held) != self.n_held:
             raise TypeError(f"head expects the activation and {self.n_held} held values, got {len(held)}")
-        return self.graph_module(activation, *expand_held(held, activation.shape[0]))
+        return self.graph_module(activation, *expand_held(held, _rows(activation)))
 
 
 class _NotTraceable(Exception):
@@ -335,8 +342,8 @@ class _HookHead(nn.Module):
         super().__init__()
         self.model, self.target, self.at_input = model, target, at_input
 
-    def forward(self, activation: Tensor, x: Tensor) -> Any:
-        (x,) = expand_held((x,), activation.shape[0])
+    def forward(self, activation: Any, x: Tensor) -> Any:
+        (x,) = expand_held((x,), _rows(activation))
         calls = []
 
         def replace(module, args, output=None):
@@ -344,7 +351,8 @@ class _HookHead(nn.Module):
             if len(calls) > 1:
                 return None  # later calls keep their own values
             # clone: the layers after the cut may work in place
-            return (activation.clone(), *args[1:]) if self.at_input else activation.clone()
+            value = tree_map(lambda t: t.clone() if isinstance(t, Tensor) else t, activation)
+            return (value, *args[1:]) if self.at_input else value
 
         handle = _cut_hook(self.target, self.at_input, replace)
         try:

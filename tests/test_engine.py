@@ -1,4 +1,6 @@
 """Shapley properties of the estimator on tiny models, against exact enumeration."""
+from collections import OrderedDict
+
 import numpy as np
 import pytest
 import torch
@@ -203,6 +205,70 @@ def test_tokens_are_players_through_reshape_transform():
                                      model.out.in_features + 1])
     numerics.assert_within(result.shapley.flatten(), expected, 2 * numerics.map_error(value_error),
                            "token players against enumeration")
+
+
+def fasterrcnn_reshape_transform(x):
+    """pytorch-grad-cam's Faster R-CNN tutorial transform: every level resized to the coarsest."""
+    target_size = x['pool'].size()[-2:]
+    activations = []
+    for key, value in x.items():
+        activations.append(torch.nn.functional.interpolate(torch.abs(value), target_size, mode='bilinear'))
+    activations = torch.cat(activations, axis=1)
+    return activations
+
+
+class TwoLevels(nn.Module):
+    """An FPN-like layer returning a dict of a 4 x 4 and a 2 x 2 map, and a head over both."""
+
+    def __init__(self):
+        super().__init__()
+        self.fine, self.coarse = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        fine = torch.relu(self.fine(x))
+        return OrderedDict([("0", fine), ("pool", torch.relu(self.coarse(fine)))])
+
+
+class LevelsModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.levels, self.out = TwoLevels(), nn.Linear(8, 3)
+
+    def forward(self, x):
+        levels = self.levels(x)
+        return self.out(torch.cat([levels["0"].mean((2, 3)), levels["pool"].amax((2, 3))], 1))
+
+
+def test_a_dict_of_maps_is_masked_through_a_resizing_reshape_transform():
+    """The players are the transform's 2 x 2 grid; each element of each level belongs to the cell
+    it falls in at the grid's scale (a 2 x 2 block of the 4 x 4 level), and a removed player's
+    elements are the baseline in every level."""
+    model = LevelsModel().eval()
+    x = torch.randn(1, 3, 4, 4)
+    levels = model.levels(x)
+
+    def worth(members):
+        keep = members.view(-1, 1, 2, 2)
+        fine = torch.where(keep.repeat_interleave(2, 2).repeat_interleave(2, 3), levels["0"], 0.0)
+        coarse = torch.where(keep, levels["pool"], 0.0)
+        return model.out(torch.cat([fine.mean((2, 3)), coarse.amax((2, 3))], 1)).softmax(-1)[:, 1]
+
+    with numerics.LogitScale(model.out) as scale:
+        result = ShapCAM(model, [model.levels], reshape_transform=fasterrcnn_reshape_transform, exact=True).explain(
+            x, [ClassifierOutputSoftmaxTarget(1)])[0]
+        with torch.no_grad():
+            expected = exact_shapley(worth, 4)
+    assert result.shapley.shape == (2, 2)
+    # The head: the fine level's mean over 16 positions, the coarse level's max, then out (a Linear).
+    value_error = scale.value_error([16, model.out.in_features + 1])
+    numerics.assert_within(result.shapley.flatten(), expected, 2 * numerics.map_error(value_error),
+                           "players of a dict of maps against enumeration")
+    with pytest.raises(ValueError, match="scalar baseline"):
+        ShapCAM(model, [model.levels], reshape_transform=fasterrcnn_reshape_transform,
+                baseline=torch.zeros(8, 2, 2)).explain(x)
+    with pytest.raises(ValueError, match="OrderedDict.*reshape_transform="):
+        ShapCAM(model, [model.levels]).explain(x)
 
 
 def test_cam_call_matches_gradcam_postprocessing(model_and_input):

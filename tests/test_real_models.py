@@ -326,6 +326,45 @@ def test_similarity_to_concept_on_a_feature_extractor():
 # ------------------------------------------------------------------ detection (the tutorial)
 
 
+def fasterrcnn_reshape_transform(x):
+    """pytorch-grad-cam's Faster R-CNN tutorial transform, verbatim: every FPN level resized to
+    the coarsest ('pool') and stacked as channels."""
+    target_size = x['pool'].size()[-2 : ]
+    activations = []
+    for key, value in x.items():
+        activations.append(torch.nn.functional.interpolate(torch.abs(value), target_size, mode='bilinear'))
+    activations = torch.cat(activations, axis=1)
+    return activations
+
+
+def test_faster_rcnn_tutorial_at_the_backbone():
+    """The tutorial's target_layers=[model.backbone]: an OrderedDict of FPN levels, each masked
+    over the cells of the transform's grid (2 x 2 at 96 px)."""
+    torch.manual_seed(0)
+    model = torchvision.models.detection.fasterrcnn_resnet50_fpn(
+        weights=None, weights_backbone=None, min_size=96, max_size=96, box_score_thresh=0.0).eval().double()
+    x = torch.rand(1, 3, 96, 96, dtype=torch.float64)
+    with torch.no_grad():
+        outputs = model(x)
+    boxes, labels = outputs[0]["boxes"][:2].numpy(), outputs[0]["labels"][:2].tolist()
+    targets = [FasterRCNNBoxScoreTarget(labels=labels, bounding_boxes=boxes)]
+    with pytest.warns(UserWarning, match="hook path"):
+        cam = ShapCAM(model, target_layers=[model.backbone], reshape_transform=fasterrcnn_reshape_transform,
+                      n_permutations=1, antithetic=False)
+    result = cam.explain(x, targets)[0]
+    assert result.shapley.shape == (2, 2)
+    assert_efficient(result)
+    # The coalitions of every player and of none, outside the engine: the model as it is, and
+    # with every level of the backbone's output zeroed.
+    handle = model.backbone.register_forward_hook(
+        lambda module, args, levels: {key: torch.zeros_like(level) for key, level in levels.items()})
+    with torch.no_grad():
+        empty = model(x)
+    handle.remove()
+    assert result.value_full == pytest.approx(float(targets[0](outputs[0])), rel=1e-9)
+    assert result.value_empty == pytest.approx(float(targets[0](empty[0])), rel=1e-9, abs=1e-12)
+
+
 def test_faster_rcnn_box_score_target_through_the_hook_path(capsys):
     torch.manual_seed(0)
     model = torchvision.models.detection.fasterrcnn_resnet50_fpn(
