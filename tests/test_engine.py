@@ -11,6 +11,7 @@ from shapcam_ext import engine
 from shapcam_ext.engine import BatchError
 import numerics
 from exact import exact_shapley
+from tutorials import fasterrcnn_reshape_transform
 from shapcam_ext.targets import ClassifierOutputSoftmaxTarget, ClassifierOutputTarget
 
 
@@ -205,16 +206,6 @@ def test_tokens_are_players_through_reshape_transform():
                                      model.out.in_features + 1])
     numerics.assert_within(result.shapley.flatten(), expected, 2 * numerics.map_error(value_error),
                            "token players against enumeration")
-
-
-def fasterrcnn_reshape_transform(x):
-    """pytorch-grad-cam's Faster R-CNN tutorial transform: every level resized to the coarsest."""
-    target_size = x['pool'].size()[-2:]
-    activations = []
-    for key, value in x.items():
-        activations.append(torch.nn.functional.interpolate(torch.abs(value), target_size, mode='bilinear'))
-    activations = torch.cat(activations, axis=1)
-    return activations
 
 
 class TwoLevels(nn.Module):

@@ -13,6 +13,7 @@ from shapcam_ext.cli.images import bundled_photos, load_image
 from shapcam_ext.cli.layers import default_layer
 from shapcam_ext.cli.models import imagenet_classes, load_model
 from shapcam_ext.cli.preprocessing import preprocess
+from tutorials import ResnetFeatureExtractor
 
 
 def _model(name: str) -> nn.Module:
@@ -186,20 +187,8 @@ def test_hooks_other_code_keeps_on_the_model_are_neither_traced_nor_touched():
     assert calls == ["pre"] and len(gradcam.activations_and_grads.activations) == 1
 
 
-class _CallOnly(nn.Module):
-    """pytorch-grad-cam's embeddings tutorial writes its feature extractor with ``__call__``."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-        self.feature_extractor = nn.Sequential(*list(self.model.children())[:-1])
-
-    def __call__(self, x):
-        return self.feature_extractor(x)[:, :, 0, 0]
-
-
 def test_a_model_that_defines_call_instead_of_forward_is_traced():
-    model = _CallOnly(_model("resnet18")).eval()
+    model = ResnetFeatureExtractor(_model("resnet18")).eval()
     split = _traced_split(model, model.model.layer4[-1], torch.randn(2, 3, 64, 64))
     assert split.layer_name == "model.layer4.1"
 

@@ -17,6 +17,7 @@ import timm
 import torch
 import torchvision
 from exact import exact_shapley
+from tutorials import ResnetFeatureExtractor, fasterrcnn_reshape_transform
 from pytorch_grad_cam.utils.model_targets import (
     ClassifierOutputSoftmaxTarget,
     ClassifierOutputTarget,
@@ -272,18 +273,6 @@ def test_semantic_segmentation_target_on_torchvision_models(arch):
 # ----------------------------------------------------------------- embeddings (the tutorial)
 
 
-class ResnetFeatureExtractor(nn.Module):
-    """pytorch-grad-cam's tutorial feature extractor: the pooled embedding before the classifier."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-        self.feature_extractor = nn.Sequential(*list(self.model.children())[:-1])
-
-    def __call__(self, x):
-        return self.feature_extractor(x)[:, :, 0, 0]
-
-
 class SimilarityToConceptTarget:
     """pytorch-grad-cam's tutorial target: cosine similarity to a concept's embedding."""
 
@@ -326,28 +315,23 @@ def test_similarity_to_concept_on_a_feature_extractor():
 # ------------------------------------------------------------------ detection (the tutorial)
 
 
-def fasterrcnn_reshape_transform(x):
-    """pytorch-grad-cam's Faster R-CNN tutorial transform, verbatim: every FPN level resized to
-    the coarsest ('pool') and stacked as channels."""
-    target_size = x['pool'].size()[-2 : ]
-    activations = []
-    for key, value in x.items():
-        activations.append(torch.nn.functional.interpolate(torch.abs(value), target_size, mode='bilinear'))
-    activations = torch.cat(activations, axis=1)
-    return activations
+def faster_rcnn(size: int):
+    """Random-weight Faster R-CNN R50-FPN in float64 at ``size`` px, an image, its outputs, and
+    the tutorial's target on its first two boxes."""
+    torch.manual_seed(0)
+    model = torchvision.models.detection.fasterrcnn_resnet50_fpn(
+        weights=None, weights_backbone=None, min_size=size, max_size=size, box_score_thresh=0.0).eval().double()
+    x = torch.rand(1, 3, size, size, dtype=torch.float64)
+    with torch.no_grad():
+        outputs = model(x)
+    boxes, labels = outputs[0]["boxes"][:2].numpy(), outputs[0]["labels"][:2].tolist()
+    return model, x, outputs, [FasterRCNNBoxScoreTarget(labels=labels, bounding_boxes=boxes)]
 
 
 def test_faster_rcnn_tutorial_at_the_backbone():
     """The tutorial's target_layers=[model.backbone]: an OrderedDict of FPN levels, each masked
     over the cells of the transform's grid (2 x 2 at 96 px)."""
-    torch.manual_seed(0)
-    model = torchvision.models.detection.fasterrcnn_resnet50_fpn(
-        weights=None, weights_backbone=None, min_size=96, max_size=96, box_score_thresh=0.0).eval().double()
-    x = torch.rand(1, 3, 96, 96, dtype=torch.float64)
-    with torch.no_grad():
-        outputs = model(x)
-    boxes, labels = outputs[0]["boxes"][:2].numpy(), outputs[0]["labels"][:2].tolist()
-    targets = [FasterRCNNBoxScoreTarget(labels=labels, bounding_boxes=boxes)]
+    model, x, outputs, targets = faster_rcnn(96)
     with pytest.warns(UserWarning, match="hook path"):
         cam = ShapCAM(model, target_layers=[model.backbone], reshape_transform=fasterrcnn_reshape_transform,
                       n_permutations=1, antithetic=False)
@@ -366,14 +350,7 @@ def test_faster_rcnn_tutorial_at_the_backbone():
 
 
 def test_faster_rcnn_box_score_target_through_the_hook_path(capsys):
-    torch.manual_seed(0)
-    model = torchvision.models.detection.fasterrcnn_resnet50_fpn(
-        weights=None, weights_backbone=None, min_size=64, max_size=64, box_score_thresh=0.0).eval().double()
-    x = torch.rand(1, 3, 64, 64, dtype=torch.float64)
-    with torch.no_grad():
-        outputs = model(x)
-    boxes, labels = outputs[0]["boxes"][:2].numpy(), outputs[0]["labels"][:2].tolist()
-    targets = [FasterRCNNBoxScoreTarget(labels=labels, bounding_boxes=boxes)]
+    model, x, _, targets = faster_rcnn(64)
     with pytest.warns(UserWarning, match="hook path"):  # detection models do not trace with fx
         cam = ShapCAM(model, [model.backbone.body.layer4], n_permutations=2)  # 2 x 2 map: 4 players
     start = time.perf_counter()
