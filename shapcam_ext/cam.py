@@ -13,10 +13,11 @@ import numpy as np
 import torch
 
 from shapcam_ext.config import SamplingConfig
-from shapcam_ext.engine import ShapleyEngine, ShapleyResult
-from shapcam_ext.head import LayerInput, split_model
+from shapcam_ext.engine import ShapleyEngine
+from shapcam_ext.head import LayerInput, Prepared, cut_model
 from shapcam_ext.model_state import eval_semantics
 from shapcam_ext.postprocess import scale_cam_image
+from shapcam_ext.results import ShapleyResult
 from shapcam_ext.targets import Target
 
 Layer = Union[torch.nn.Module, str, LayerInput]
@@ -67,35 +68,53 @@ class ShapCAM:
         self.reshape_transform = reshape_transform
         self.config = (config or SamplingConfig()).replace(**overrides)
         with eval_semantics(model):  # trace what evaluation runs, whatever the model's mode
-            splits = [split_model(model, layer, head) for layer in self.target_layers]
-        self.engines = [ShapleyEngine(model, split, self.config, reshape_transform, progress) for split in splits]
+            cuts = cut_model(model, self.target_layers, head)
+        self.engine = ShapleyEngine(model, cuts, self.config, reshape_transform, progress)
         self.outputs: Any = None
 
-    def explain(self, input_tensor: torch.Tensor, targets: Optional[Sequence[Target]] = None,
-                layer: int = 0) -> List[ShapleyResult]:
-        """Full results (signed map, standard errors, efficiency, timing) for one target layer.
+    def prepare(self, input_tensor: torch.Tensor) -> Prepared:
+        """Runs the model once on a batch and keeps what every explanation of it reads: the
+        model's output (``.outputs``, also kept as ``self.outputs``) and each target layer's
+        activation and held values (``.layers``).
+
+        Raises:
+            TypeError / ValueError: input the model cannot take, named with the fix.
+        """
+        prepared = self.engine.prepare(input_tensor)
+        self.outputs = prepared.outputs
+        return prepared
+
+    def estimate(self, prepared: Prepared, targets: Optional[Sequence[Target]] = None,
+                 layer: int = 0) -> List[ShapleyResult]:
+        """Full results (signed map, standard errors, efficiency, timing) of a prepared batch for
+        one target layer; no model forward runs again.
 
         Args:
-            input_tensor: (B, ...) batch on the model's device.
+            prepared: what :meth:`prepare` returned for the batch.
             targets: one pytorch-grad-cam-style target per image (a callable on one image's
                 output), or None for each image's top class with its softmax probability.
             layer: index into ``target_layers``.
 
         Raises:
-            TypeError / ValueError: input or targets that do not fit the model, named.
-            shapcam_ext.engine.BatchError: some images failed (its ``results`` has the rest).
+            TypeError / ValueError: targets or a layer that do not fit, named.
+            shapcam_ext.BatchError: some images failed (its ``results`` has the rest).
         """
-        results, self.outputs = self.engines[layer].explain(input_tensor, targets)
-        return results
+        return self.engine.estimate(prepared, targets, layer)
+
+    def explain(self, input_tensor: torch.Tensor, targets: Optional[Sequence[Target]] = None,
+                layer: int = 0) -> List[ShapleyResult]:
+        """``estimate(prepare(input_tensor), targets, layer)``: one forward pass, then the maps."""
+        return self.estimate(self.prepare(input_tensor), targets, layer)
 
     def forward(self, input_tensor: torch.Tensor, targets: Optional[Sequence[Target]] = None,
                 eigen_smooth: bool = False) -> np.ndarray:
-        """(B, H, W) float32 maps in [0, 1], combined over the target layers."""
+        """(B, H, W) float32 maps in [0, 1], combined over the target layers (one forward pass)."""
         refuse_eigen_smooth(eigen_smooth)
         size = (input_tensor.shape[-1], input_tensor.shape[-2])
+        prepared = self.prepare(input_tensor)
         per_layer = []
-        for layer in range(len(self.engines)):
-            per_layer.append(np.stack([r.cam_image(size) for r in self.explain(input_tensor, targets, layer)]))
+        for layer in range(len(self.target_layers)):
+            per_layer.append(np.stack([r.cam_image(size) for r in self.estimate(prepared, targets, layer)]))
         combined = np.maximum(np.stack(per_layer, axis=1), 0).mean(axis=1)
         return scale_cam_image(torch.from_numpy(combined))
 

@@ -292,3 +292,8 @@ if COMPILED:
     torch.library.register_autograd(
         "shapcam::masked_prefixes", _masked_prefixes_backward, setup_context=_masked_prefixes_setup
     )
+
+
+def permutation_ranks(perms: torch.Tensor) -> torch.Tensor:
+    """rank[k, p] = the step at which permutation k adds position p (the inverse permutations)."""
+    return reference.permutation_ranks(perms)

@@ -54,10 +54,6 @@ class PlayerGrid:
         self.padding = (0, -w % group_size, 0, -h % group_size)
         self.players = self.to_players(grid)
 
-    @property
-    def player_shape(self) -> tuple:
-        return tuple(self.players.shape[-2:])
-
     def to_players(self, grid: torch.Tensor) -> torch.Tensor:
         if self.group_size == 1:
             return grid

@@ -160,7 +160,12 @@ class PermutationStream:
         # Sorting by stratum + a uniform in [0, 1) orders the strata and shuffles within each one.
         keys = torch.rand(units, m, slots, generator=self.generator, device=self.device).add_(strata)
         order = players.gather(2, keys.argsort(2)).reshape(-1, slots)
-        return order[order < n].view(-1, n) if slots > n else order
+        if slots == n:
+            return order
+        # drop the padding: a stable sort on "is padding" keeps the players' order, with no boolean
+        # indexing (whose output size would be read back from the device)
+        real = (order >= n).to(torch.uint8).argsort(dim=1, stable=True)[:, :n]
+        return order.gather(1, real)
 
     def _uniform_orders(self, count: int, size: int) -> torch.Tensor:
         # argsort of i.i.d. uniforms is a uniform permutation, drawn for many rows at once.

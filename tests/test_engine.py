@@ -1,9 +1,11 @@
 """Shapley properties of the estimator on tiny models, against exact enumeration."""
+import time
 from collections import OrderedDict
 
 import numpy as np
 import pytest
 import torch
+import torchvision
 from torch import nn
 
 from shapcam_ext import ShapCAM
@@ -419,4 +421,68 @@ def test_a_long_run_announces_its_cost_first(model_and_input, monkeypatch, caplo
         result = explain(model, x, n_permutations=64, batch_size=7)[0]
     (record,) = [r for r in caplog.records if "projected" in r.getMessage()]
     # 64 rounded up to whole Latin blocks
-    assert f"{result.n_permutations} permutations x 7 coalitions" in record.getMessage()
+    assert f"{result.n_permutations} permutations on the generic path" in record.getMessage()
+
+
+def test_the_projected_cost_is_close_to_the_run_time(model_and_input, monkeypatch, caplog):
+    """The projection comes from a timed probe of the path that runs, sized so that it is not mostly
+    fixed overhead; it must land within a small factor of the real sampling time (a 100x error
+    would announce a 40 s run as an hour)."""
+    model, x = model_and_input
+    monkeypatch.setattr(engine, "LONG_RUN_SECONDS", 0.0)
+    cam = ShapCAM(model, [model[1]], n_permutations=4096, fast_path=False)
+    prepared = cam.prepare(x)
+    with caplog.at_level("WARNING", logger="shapcam_ext"):
+        tick = time.perf_counter()
+        cam.estimate(prepared)
+        seconds = time.perf_counter() - tick
+    (record,) = [r for r in caplog.records if hasattr(r, "projected_seconds")]
+    assert seconds / 4 < record.projected_seconds < 4 * seconds
+
+
+# ------------------------------------------------------------------ two phases: one forward pass per batch
+
+
+def forward_calls(model: nn.Module) -> list:
+    """A list that grows by one each time the model's first layer runs: once per forward pass of the
+    model (the heads start after it)."""
+    calls = []
+    next(m for m in model.modules() if isinstance(m, nn.Conv2d)).register_forward_hook(lambda *_: calls.append(1))
+    return calls
+
+
+def test_one_forward_pass_serves_every_target_layer():
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=7).eval()
+    x = torch.randn(2, 3, 64, 64)
+    cam = ShapCAM(model, [model.layer3, model.layer4], n_permutations=4)
+    calls = forward_calls(model)
+    maps = cam(x)
+    assert len(calls) == 1 and maps.shape == (2, 64, 64)
+    prepared = cam.prepare(x)
+    calls.clear()
+    per_layer = [cam.estimate(prepared, None, layer) for layer in (0, 1)]
+    assert calls == []
+    # the same maps as one layer explained alone
+    alone = ShapCAM(model, [model.layer4], n_permutations=4).explain(x)
+    assert all(torch.equal(a.shapley, b.shapley) for a, b in zip(alone, per_layer[1]))
+    assert torch.equal(prepared.outputs, model(x))
+
+
+def test_estimate_names_a_bad_layer_or_preparation(model_and_input):
+    model, x = model_and_input
+    cam = ShapCAM(model, [model[1]], n_permutations=4)
+    with pytest.raises(ValueError, match=r"layer must index the 1 target layer\(s\), got 1"):
+        cam.estimate(cam.prepare(x), None, layer=1)
+    with pytest.raises(TypeError, match="prepared must come from prepare"):
+        cam.estimate(x)
+
+
+def test_a_missed_tolerance_is_reported(model_and_input):
+    model, x = model_and_input
+    with pytest.warns(RuntimeWarning, match="tolerance 1e-09 was not met"):
+        (result,) = explain(model, x, n_permutations=16, tolerance=1e-9, design="iid")
+    assert result.tolerance_met is False
+    (result,) = explain(model, x, n_permutations=4096, tolerance=0.5)
+    assert result.tolerance_met is True
+    assert explain(model, x, n_permutations=4)[0].tolerance_met is None

@@ -50,7 +50,7 @@ def test_head_of_trunk_equals_model(name, layer, n_held):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the fx path must not fall back
         split, out, y, expected = _split_and_run(model, layer, x)
-    assert split.traced and split.graph_module is not None and split.layer_name == layer
+    assert split.graph_module is not None and split.layer_name == layer
     assert out.activation.dim() == 4 and out.activation.shape[0] == 2
     assert len(out.held) == n_held
     assert all(h.shape[0] == 2 for h in out.held)
@@ -103,7 +103,7 @@ def test_shape_reads_before_the_cut_follow_the_head_batch():
     model = _BatchSizeReader().eval()
     x = torch.randn(2, 3, 8, 8)
     split, out, y, expected = _split_and_run(model, "conv", x)
-    assert split.traced
+    assert split.graph_module is not None
     assert_close(y, expected, rtol=0, atol=0)
     with torch.no_grad():
         y4 = split.head(out.activation.repeat_interleave(4, dim=0), *out.held)
@@ -149,7 +149,7 @@ def test_hook_fallback(model, layer, reason):
     x = torch.randn(2, model.in_channels, 16, 16)
     with pytest.warns(UserWarning, match=f"could not trace.*{reason}.*hook path"):
         split, out, y, expected = _split_and_run(model, layer, x)
-    assert not split.traced and split.graph_module is None
+    assert split.graph_module is None
     assert_close(y, expected, rtol=0, atol=0)
     with torch.no_grad():
         y3 = split.head(out.activation.repeat_interleave(3, dim=0), *out.held)
@@ -161,7 +161,7 @@ def _traced_split(model, layer, x, reference=None):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the fx path must not fall back
         split = split_model(model, layer)
-    assert split.traced
+    assert split.graph_module is not None
     with torch.no_grad():
         out = split.trunk(x)
         assert_close(split.head(out.activation, *out.held), (reference or model)(x), rtol=0, atol=0)
@@ -217,7 +217,7 @@ def test_cut_at_a_layers_input(model, layer, traced):
             split, out, y, expected = _split_and_run(model, LayerInput(layer), x)
     finally:
         handle.remove()
-    assert split.traced == traced and split.layer_name == layer
+    assert (split.graph_module is not None) == traced and split.layer_name == layer
     assert torch.equal(out.activation, seen[-1])
     assert_close(y, expected, rtol=0, atol=0)
     with torch.no_grad():  # a masked input reaches the layer: zero it, and the head must differ
@@ -229,7 +229,7 @@ def test_explicit_head_is_used_as_given():
     head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), model.fc)
     x = torch.randn(1, 3, 64, 64)
     split, out, y, expected = _split_and_run(model, model.layer4, x, head=head)
-    assert split.head is head and out.held == () and split.layer_name == "layer4" and not split.traced
+    assert split.head is head and out.held == () and split.layer_name == "layer4" and split.graph_module is None
     assert_close(y, expected)
 
 
@@ -255,7 +255,7 @@ def test_real_lite0_weights_on_chelsea():
     model, cfg = load_model()
     x = preprocess(load_image(bundled_photos()["chelsea"]), cfg)
     split, _, y, expected = _split_and_run(model, default_layer("tf_efficientnet_lite0", model), x)
-    assert split.layer_name == "bn2" and split.traced
+    assert split.layer_name == "bn2" and split.graph_module is not None
     assert_close(y, expected, rtol=0, atol=0)
     prob, index = y.softmax(-1)[0].max(0)
     assert imagenet_classes()[index] == "Egyptian cat"

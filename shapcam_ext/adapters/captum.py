@@ -28,7 +28,6 @@ from torch import Tensor, nn
 from shapcam_ext.adapters import import_optional
 from shapcam_ext.cam import ShapCAM
 from shapcam_ext.head import LayerInput
-from shapcam_ext.model_state import eval_semantics
 from shapcam_ext.targets import ClassifierOutputTarget, Target
 
 LayerAttribution = import_optional("captum.attr", "captum").LayerAttribution
@@ -142,10 +141,10 @@ class LayerShapCAM(LayerAttribution):
         inputs = inputs if isinstance(inputs, tuple) else (inputs,)
         args = _as_tuple(additional_forward_args)
         explainer, engine_input = self._explainer(inputs, args, attribute_to_layer_input)
-        with eval_semantics(explainer.model):
-            output = explainer.model(engine_input)
-            indices = _target_indices(target, output)
-            results = explainer.explain(engine_input, [_engine_target(i, output) for i in indices])
+        prepared = explainer.prepare(engine_input)  # the one forward pass: the output and the layer's activation
+        output = prepared.outputs
+        indices = _target_indices(target, output)
+        results = explainer.estimate(prepared, [_engine_target(i, output) for i in indices])
 
         dtype = inputs[0].dtype if inputs[0].is_floating_point() else torch.get_default_dtype()
         maps = torch.stack([r.feature_map for r in results])[:, None]

@@ -8,6 +8,7 @@ import torch
 from pytorch_grad_cam.base_cam import BaseCAM
 
 from shapcam_ext.cam import ShapCAM, refuse_eigen_smooth
+from shapcam_ext.head import Prepared
 
 
 class ShapCAMBase(BaseCAM):
@@ -28,9 +29,13 @@ class ShapCAMBase(BaseCAM):
                  reshape_transform: Optional[Callable] = None, **shapcam_options):
         super().__init__(model, target_layers, reshape_transform, uses_gradients=False)
         self.shapcam = ShapCAM(model, target_layers, reshape_transform, **shapcam_options)
+        self._prepared: Optional[Prepared] = None
 
     def get_cam_image(self, input_tensor, target_layer, targets, activations, grads, eigen_smooth=False) -> np.ndarray:
         refuse_eigen_smooth(eigen_smooth)
         layer = next(i for i, t in enumerate(self.target_layers) if t is target_layer)
-        results = self.shapcam.explain(input_tensor, targets, layer)
+        # BaseCAM asks once per layer for the same input: the engine's forward pass serves them all
+        if self._prepared is None or self._prepared.input is not input_tensor:
+            self._prepared = self.shapcam.prepare(input_tensor)
+        results = self.shapcam.estimate(self._prepared, targets, layer)
         return torch.stack([r.feature_map for r in results]).float().numpy()

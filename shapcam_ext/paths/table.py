@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from shapcam_ext.fastpath.receptive import Axis, BodyPlan
+from shapcam_ext.paths.receptive import Axis, BodyPlan
 from shapcam_ext.memory import MemoryPlanner, cost_per_unit
 
 MAX_BITS = 16  # 65536 maps of the body; a larger table never pays for itself
