@@ -38,9 +38,9 @@ from shapcam_ext.targets import Scorer, Target, resolve_targets
 logger = logging.getLogger("shapcam_ext")
 
 LONG_RUN_SECONDS = 60.0  # runs projected to take longer announce their cost first
-# A probe shorter than this is timed again over more permutations: a short call is mostly fixed
-# overhead and small batches, and would inflate the projection of a long run of cheap permutations.
-MIN_PROBE_SECONDS = 0.02
+# With a tolerance, a pilot of small Latin blocks (8 units of them, the fewest a stop check takes)
+# projects how many permutations the tolerance needs, which sizes the blocks of the run.
+PILOT_PERMUTATIONS = 64
 NON_FINITE_ACTIVATION = "the target layer's activation has NaN or Inf values; check the input and the model's weights"
 NON_FINITE_SCORE = ("the target's score is NaN or Inf for some coalitions (check the model's weights and the "
                     "target); no map was made")
@@ -168,29 +168,26 @@ class _Run:
             ends = game.worth(torch.stack([game.base_map(), game.players], 1).flatten(0, 1))  # (b, 2)
             report.head_timed(_synchronized_clock(game.device) - tick, 2 * game.batch)
             evaluator = evaluator_for(game, self.proof)
-            stream = (ExhaustiveStream(game.n, game.device) if cfg.exact
-                      else PermutationStream(game.n, cfg.antithetic, cfg.seed, game.device, cfg.design,
-                                             cfg.permutations))
-            unit = stream.unit_size
-            total = stream.total if stream.exhaustive else -(-cfg.permutations // unit) * unit
-            estimate = RunningEstimate(game.batch, game.n, unit, game.device, stream.exhaustive)
-            per_round = max(unit, evaluator.permutations_per_round(unit) // unit * unit)
-            schedule = _StopSchedule(cfg.tolerance, unit, total)
-            if total > unit:
-                report.probe(evaluator, schedule.projected_total, per_round, total)
-        bar = tqdm(total=total, desc="permutations", unit="perm", disable=not self.engine.progress, leave=False)
+            piloted = cfg.tolerance is not None and cfg.design == "latin" and not cfg.exact
+            sampler = _Sampler(game, evaluator, cfg, PILOT_PERMUTATIONS if piloted else cfg.permutations, cfg.seed)
+            if sampler.total > sampler.unit:
+                report.probe(evaluator, sampler.schedule.projected_total, sampler.per_round, sampler.total)
+        bar = tqdm(total=sampler.total, desc="permutations", unit="perm", disable=not self.engine.progress,
+                   leave=False)
         with bar:
-            while estimate.permutations < total:
-                count = min(per_round, total - estimate.permutations, schedule.next_check - estimate.permutations)
-                evaluator.accumulate(stream.take(count), estimate)
-                estimate.permutations += count
-                bar.update(count)
-                if estimate.permutations >= schedule.next_check:
-                    with host_reads(game.device):
-                        if schedule.stop(estimate):
-                            break
-                    report.projected(schedule.projected_total)
-        met = schedule.met(estimate)
+            sampler.run(bar, report, first_check_only=piloted)
+            if piloted and not sampler.finished:
+                # The pilot's first check projected what the tolerance needs: Latin blocks sized for
+                # that many orders (several times fewer worth evaluations than small blocks) start a
+                # fresh, independent run, unless the pilot's blocks are already that size.
+                needed = sampler.schedule.projected_total
+                main = _Sampler(game, evaluator, cfg, needed, _derived_seed(cfg.seed))
+                if main.unit > sampler.unit:
+                    bar.reset(main.total)
+                    sampler = main
+                sampler.run(bar, report)
+        met = sampler.schedule.met()
+        estimate = sampler.estimate
         if met is False:
             warnings.warn(f"shapcam_ext: the tolerance {cfg.tolerance} was not met at {game.layer!r} within "
                           f"{estimate.permutations} permutations (the cap); raise n_permutations, or accept the "
@@ -235,6 +232,46 @@ class _Run:
         return out
 
 
+class _Sampler:
+    """One stream of permutations and its running estimate, sampled in rounds up to the cap.
+
+    ``block_permutations``: the run length the stream's Latin blocks are sized for (the cap, or a
+    tolerance's projected need); ``total``: the cap, in whole units.
+    """
+
+    def __init__(self, game: Game, evaluator: Evaluator, cfg: SamplingConfig, block_permutations: int,
+                 seed: Optional[int]):
+        self.game, self.evaluator = game, evaluator
+        self.stream = (ExhaustiveStream(game.n, game.device) if cfg.exact
+                       else PermutationStream(game.n, cfg.antithetic, seed, game.device, cfg.design,
+                                              min(block_permutations, cfg.permutations)))
+        self.unit = unit = self.stream.unit_size
+        self.total = self.stream.total if self.stream.exhaustive else -(-cfg.permutations // unit) * unit
+        self.estimate = RunningEstimate(game.batch, game.n, unit, game.device, self.stream.exhaustive)
+        self.per_round = max(unit, evaluator.permutations_per_round(unit) // unit * unit)
+        self.schedule = _StopSchedule(cfg.tolerance, unit, self.total)
+        self.finished = False
+
+    def run(self, bar, report: "_CostReport", first_check_only: bool = False) -> None:
+        """Samples until the cap or a stop (``finished``), or (``first_check_only``) until the first
+        stop check. The rounds never read the device; only the stop checks do."""
+        estimate, schedule = self.estimate, self.schedule
+        while estimate.permutations < self.total:
+            count = min(self.per_round, self.total - estimate.permutations,
+                        schedule.next_check - estimate.permutations)
+            self.evaluator.accumulate(self.stream.take(count), estimate)
+            estimate.permutations += count
+            bar.update(count)
+            if estimate.permutations >= schedule.next_check:
+                with host_reads(self.game.device):
+                    if schedule.stop(estimate):
+                        break
+                report.projected(schedule.projected_total)
+                if first_check_only:
+                    return
+        self.finished = True
+
+
 class _StopSchedule:
     """When to check the tolerance: each check reads the estimate back from the device, so checks
     are few. After the first, the next is where the error, shrinking like 1/sqrt(K), should meet
@@ -265,7 +302,7 @@ class _StopSchedule:
         self.next_check = self._whole_units(min(self.projected_total, 4 * done))
         return False
 
-    def met(self, estimate: RunningEstimate) -> Optional[bool]:
+    def met(self) -> Optional[bool]:
         """Whether the run met its tolerance (None without one). A run whose cap came before any
         check, or at a check that failed, did not."""
         if self.tolerance is None:
@@ -281,8 +318,9 @@ class _CostReport:
 
     First, from the two ends' head evaluations: when one permutation on the generic path (the
     probe, or a fast path's check) would itself take long, the whole generic projection is
-    logged at once. Then a probe times the chosen path on whole permutations (kept out of the
-    estimate) and the run's projection is logged if long: without a tolerance at once, with one
+    logged at once. Then a probe times the chosen path on one and on a batch of permutations (kept
+    out of the estimate), a call's fixed cost and each permutation's, and the run's projection is
+    logged if long: without a tolerance at once, with one
     at the first stop check, which projects how many permutations it needs. Device work is timed
     with a synchronisation around the probe only, so projections hold on CUDA too.
     """
@@ -304,37 +342,38 @@ class _CostReport:
                 _duration(first * g.permutations), g.permutations)
 
     def probe(self, evaluator: Evaluator, projected_total: Optional[int], per_round: int, total: int) -> None:
-        """Times the identity order, then more orders at once until the time is no longer mostly
-        fixed overhead (at most a round's worth, and a sixteenth of the run)."""
+        """Times the path on one order, then on a batch of them (at most a round, and a sixteenth of
+        the run): the two separate a call's fixed cost from each permutation's."""
         g = self.game
-        cap = max(1, min(per_round, total // 16))
-        permutations = 1
-        while True:
+        sizes = sorted({1, max(1, min(per_round, total // 16))})
+        seconds = []
+        for permutations in sizes:
             scratch = RunningEstimate(g.batch, g.n, 1, g.device)
             perms = torch.arange(g.n, device=g.device).expand(permutations, g.n).contiguous()
             tick = _synchronized_clock(g.device)
             evaluator.accumulate(perms, scratch)
-            seconds = _synchronized_clock(g.device) - tick
-            if seconds >= MIN_PROBE_SECONDS or permutations >= cap:
-                break
-            permutations = min(cap, 8 * permutations)
-        self.per_permutation = seconds / permutations
-        self.path = evaluator.path
+            seconds.append(_synchronized_clock(g.device) - tick)
+        if len(sizes) == 1:
+            self.fixed, self.per_permutation = 0.0, seconds[0]
+        else:
+            self.per_permutation = max(seconds[1] - seconds[0], 0.0) / (sizes[1] - sizes[0])
+            self.fixed = max(seconds[0] - self.per_permutation, 0.0)
+        self.per_round, self.path = per_round, evaluator.path
         self.projected(projected_total)
 
     def projected(self, projected_total: Optional[int]) -> None:
         if self.done or projected_total is None or self.per_permutation is None:
             return
         self.done = True
-        remaining = self.per_permutation * projected_total
+        remaining = -(-projected_total // self.per_round) * self.fixed + projected_total * self.per_permutation
         if remaining <= LONG_RUN_SECONDS:
             return
         g = self.game
         logger.warning(
             "Shap-CAM at %r: %d image(s), %d players, %d permutations on the %s path: projected %s (%.3g ms per "
             "permutation, measured); lower n_permutations, set tolerance or group_size, or pick a coarser layer",
-            g.layer, g.batch, g.n, projected_total, self.path, _duration(remaining), 1e3 * self.per_permutation,
-            extra={"projected_seconds": remaining})
+            g.layer, g.batch, g.n, projected_total, self.path, _duration(remaining),
+            1e3 * remaining / projected_total, extra={"projected_seconds": remaining})
 
 
 def _synchronized_clock(device: torch.device) -> float:
@@ -343,6 +382,11 @@ def _synchronized_clock(device: torch.device) -> float:
         with host_reads(device):
             torch.cuda.synchronize(device)
     return time.perf_counter()
+
+
+def _derived_seed(seed: Optional[int]) -> Optional[int]:
+    """A second, independent seed from a run's seed (the golden-ratio increment of splitmix64)."""
+    return None if seed is None else (seed + 0x9E3779B97F4A7C15) % 2**64
 
 
 def _duration(seconds: float) -> str:
