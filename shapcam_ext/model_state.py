@@ -20,9 +20,11 @@ def eval_semantics(model: nn.Module) -> Iterator[nn.Module]:
     restores each module's own ``training`` flag (mixed modes included), even on an error."""
     modes = [(module, module.training) for module in model.modules()]
     try:
-        model.eval()
+        if any(training for _, training in modes):  # a model already in eval mode costs nothing here
+            model.eval()
         with torch.no_grad():
             yield model
     finally:
         for module, training in modes:
-            module.training = training
+            if module.training != training:
+                module.training = training
