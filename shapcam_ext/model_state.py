@@ -43,9 +43,11 @@ def eval_semantics(model: nn.Module) -> Iterator[nn.Module]:
             held.enter_context(lock)
         modes = [(module, module.training) for module in model.modules()]
         try:
-            model.eval()
+            if any(training for _, training in modes):  # a model already in eval mode costs nothing here
+                model.eval()
             with torch.no_grad():
                 yield model
         finally:
             for module, training in modes:
-                module.training = training
+                if module.training != training:
+                    module.training = training

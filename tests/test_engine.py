@@ -519,3 +519,22 @@ def test_a_loose_tolerance_costs_the_same_whatever_the_cap():
     runs = [explain(model, x, n_permutations=cap, tolerance=0.2)[0] for cap in (256, 4096)]
     assert runs[0].n_permutations == runs[1].n_permutations <= 64
     assert all(r.tolerance_met for r in runs)
+
+
+def test_a_long_run_is_announced_before_its_path_is_built_and_checked(model_and_input, monkeypatch, caplog):
+    """Building and checking a fast path, and the probe, run whole permutations: on a large map with a
+    heavy head that alone took minutes in silence. The two ends' head evaluations are timed first,
+    and a long projection is logged before any of it (issue 18.7)."""
+    model, x = model_and_input
+    monkeypatch.setattr(engine, "LONG_RUN_SECONDS", 0.0)
+    logged_before_path = []
+    real = engine.evaluator_for
+
+    def spy(game, proof):
+        logged_before_path.extend(r.getMessage() for r in caplog.records)
+        return real(game, proof)
+
+    monkeypatch.setattr(engine, "evaluator_for", spy)
+    with caplog.at_level("WARNING", logger="shapcam_ext"):
+        explain(model, x, n_permutations=64)
+    assert any("checking for a faster exact path first" in m for m in logged_before_path)
