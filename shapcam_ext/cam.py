@@ -14,13 +14,13 @@ import torch
 
 from shapcam_ext.config import SamplingConfig
 from shapcam_ext.engine import ShapleyEngine
-from shapcam_ext.head import Prepared, cut_model
+from shapcam_ext.head import LayerInput, Prepared, cut_model
 from shapcam_ext.model_state import eval_semantics
 from shapcam_ext.postprocess import scale_cam_image
 from shapcam_ext.results import ShapleyResult
 from shapcam_ext.targets import Target
 
-Layer = Union[torch.nn.Module, str]
+Layer = Union[torch.nn.Module, str, LayerInput]
 
 
 class ShapCAM:
@@ -42,7 +42,8 @@ class ShapCAM:
     Args:
         model: the network.
         target_layers: a list of modules (or qualified names) whose output positions are the
-            players; several layers' maps are averaged as pytorch-grad-cam does.
+            players (``shapcam_ext.head.LayerInput(module)``: its input's positions); several
+            layers' maps are averaged as pytorch-grad-cam does.
         reshape_transform: maps a non-4-D activation (e.g. ViT tokens) to (B, C, h, w); it must
             only rearrange elements (pytorch-grad-cam's ViT and Swin transforms do).
         config: the sampling settings (:class:`shapcam_ext.SamplingConfig`); default: its defaults.
@@ -122,8 +123,7 @@ class ShapCAM:
     def forward(self, input_tensor: torch.Tensor, targets: Optional[Sequence[Target]] = None,
                 eigen_smooth: bool = False) -> np.ndarray:
         """(B, H, W) float32 maps in [0, 1], combined over the target layers (one forward pass)."""
-        if eigen_smooth:
-            raise ValueError("eigen_smooth projects channel-weighted activations; Shap-CAM has none. Drop it.")
+        refuse_eigen_smooth(eigen_smooth)
         size = (input_tensor.shape[-1], input_tensor.shape[-2])
         prepared = self.prepare(input_tensor)
         per_layer = []
@@ -162,12 +162,46 @@ class ShapCAM:
             raise ValueError("aug_smooth is not supported by ShapCAM; average several calls yourself.")
         return self.forward(input_tensor, targets, eigen_smooth)
 
+    # What pytorch-grad-cam's wrappers read from their base method: SESS its .model, .device and
+    # .activations_and_grads.release(); FinerCAM these two flags, then BaseCAM's internals.
+    uses_gradients = False
+    compute_input_gradient = False
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model's parameters are (the CPU for a model without any)."""
+        param = next(self.model.parameters(), None)
+        return torch.device("cpu") if param is None else param.device
+
+    @property
+    def activations_and_grads(self) -> "_NoHooks":
+        return _NoHooks()
+
     def __enter__(self) -> "ShapCAM":
         return self
 
     def __exit__(self, exc_type, exc_value, traceback) -> None:
         # Nothing to release: no hooks stay registered between calls.
         return None
+
+
+def refuse_eigen_smooth(eigen_smooth: bool) -> None:
+    """pytorch-grad-cam's eigen_smooth has no Shapley counterpart: refused, never ignored."""
+    if eigen_smooth:
+        raise ValueError("eigen_smooth projects channel-weighted activations; Shap-CAM has none. Drop it.")
+
+
+class _NoHooks:
+    """Where pytorch-grad-cam's BaseCAM keeps its hooks (ActivationsAndGradients): ShapCAM keeps
+    none, so there is nothing to release, and a wrapper that drives BaseCAM's internals is told
+    which class has them."""
+
+    def release(self) -> None:
+        return None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> None:
+        raise TypeError("this pytorch-grad-cam wrapper drives BaseCAM's internals (its hooks, per-layer maps); "
+                        "pass base_method=shapcam_ext.adapters.gradcam.ShapCAMBase instead of ShapCAM")
 
 
 def _check_target_layers(target_layers: Any) -> list:
@@ -184,7 +218,7 @@ def _check_target_layers(target_layers: Any) -> list:
     if not layers:
         raise ValueError("target_layers is empty; pass at least one layer, e.g. [model.layer4]")
     for layer in layers:
-        if not isinstance(layer, (str, torch.nn.Module)):
+        if not isinstance(layer, (str, torch.nn.Module, LayerInput)):
             raise TypeError(f"each target layer must be a module of the model or its qualified name, got "
                             f"{type(layer).__name__} {layer!r}; e.g. [model.layer4] or ['layer4']")
     return layers

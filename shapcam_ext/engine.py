@@ -247,6 +247,7 @@ class _Run:
                 value_empty=empty,
                 efficiency_gap=abs(float(mean[i].sum()) - (full - empty)),
                 n_permutations=estimate.permutations,
+                units=estimate.units,
                 backend=backend_info()["backend"],
                 seconds=seconds,
                 layer=game.layer,

@@ -1,5 +1,6 @@
 """Shapley properties of the estimator on tiny models, against exact enumeration."""
 import time
+from collections import OrderedDict
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from shapcam_ext import engine
 from shapcam_ext.engine import BatchError
 import numerics
 from exact import exact_shapley
+from tutorials import fasterrcnn_reshape_transform
 from shapcam_ext.targets import ClassifierOutputSoftmaxTarget, ClassifierOutputTarget
 
 
@@ -119,11 +121,13 @@ def test_null_player_gets_zero_and_symmetric_players_equal():
                            "two symmetric players")
 
 
-def test_seed_makes_maps_bit_identical(model_and_input):
+# Seeds that share their low 32 bits must differ too: torch's CPU generator keeps only those.
+@pytest.mark.parametrize("seed,other", [(7, 8), (2**32 + 5, 5), (2**64 - 1, 2**32 - 1), (2**33, 2**32)])
+def test_seed_makes_maps_bit_identical(model_and_input, seed, other):
     model, x = model_and_input
-    a = explain(model, x, n_permutations=32, seed=7)[0].shapley
-    b = explain(model, x, n_permutations=32, seed=7)[0].shapley
-    c = explain(model, x, n_permutations=32, seed=8)[0].shapley
+    a = explain(model, x, n_permutations=32, seed=seed)[0].shapley
+    b = explain(model, x, n_permutations=32, seed=seed)[0].shapley
+    c = explain(model, x, n_permutations=32, seed=other)[0].shapley
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
 
@@ -204,6 +208,60 @@ def test_tokens_are_players_through_reshape_transform():
                                      model.out.in_features + 1])
     numerics.assert_within(result.shapley.flatten(), expected, 2 * numerics.map_error(value_error),
                            "token players against enumeration")
+
+
+class TwoLevels(nn.Module):
+    """An FPN-like layer returning a dict of a 4 x 4 and a 2 x 2 map, and a head over both."""
+
+    def __init__(self):
+        super().__init__()
+        self.fine, self.coarse = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        fine = torch.relu(self.fine(x))
+        return OrderedDict([("0", fine), ("pool", torch.relu(self.coarse(fine)))])
+
+
+class LevelsModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.levels, self.out = TwoLevels(), nn.Linear(8, 3)
+
+    def forward(self, x):
+        levels = self.levels(x)
+        return self.out(torch.cat([levels["0"].mean((2, 3)), levels["pool"].amax((2, 3))], 1))
+
+
+def test_a_dict_of_maps_is_masked_through_a_resizing_reshape_transform():
+    """The players are the transform's 2 x 2 grid; each element of each level belongs to the cell
+    it falls in at the grid's scale (a 2 x 2 block of the 4 x 4 level), and a removed player's
+    elements are the baseline in every level."""
+    model = LevelsModel().eval()
+    x = torch.randn(1, 3, 4, 4)
+    levels = model.levels(x)
+
+    def worth(members):
+        keep = members.view(-1, 1, 2, 2)
+        fine = torch.where(keep.repeat_interleave(2, 2).repeat_interleave(2, 3), levels["0"], 0.0)
+        coarse = torch.where(keep, levels["pool"], 0.0)
+        return model.out(torch.cat([fine.mean((2, 3)), coarse.amax((2, 3))], 1)).softmax(-1)[:, 1]
+
+    with numerics.LogitScale(model.out) as scale:
+        result = ShapCAM(model, [model.levels], reshape_transform=fasterrcnn_reshape_transform, exact=True).explain(
+            x, [ClassifierOutputSoftmaxTarget(1)])[0]
+        with torch.no_grad():
+            expected = exact_shapley(worth, 4)
+    assert result.shapley.shape == (2, 2)
+    # The head: the fine level's mean over 16 positions, the coarse level's max, then out (a Linear).
+    value_error = scale.value_error([16, model.out.in_features + 1])
+    numerics.assert_within(result.shapley.flatten(), expected, 2 * numerics.map_error(value_error),
+                           "players of a dict of maps against enumeration")
+    with pytest.raises(ValueError, match="scalar baseline"):
+        ShapCAM(model, [model.levels], reshape_transform=fasterrcnn_reshape_transform,
+                baseline=torch.zeros(8, 2, 2)).explain(x)
+    with pytest.raises(ValueError, match="OrderedDict.*reshape_transform="):
+        ShapCAM(model, [model.levels]).explain(x)
 
 
 def test_cam_call_matches_gradcam_postprocessing(model_and_input):
@@ -461,3 +519,22 @@ def test_a_loose_tolerance_costs_the_same_whatever_the_cap():
     runs = [explain(model, x, n_permutations=cap, tolerance=0.2)[0] for cap in (256, 4096)]
     assert runs[0].n_permutations == runs[1].n_permutations <= 64
     assert all(r.tolerance_met for r in runs)
+
+
+def test_a_long_run_is_announced_before_its_path_is_built_and_checked(model_and_input, monkeypatch, caplog):
+    """Building and checking a fast path, and the probe, run whole permutations: on a large map with a
+    heavy head that alone took minutes in silence. The two ends' head evaluations are timed first,
+    and a long projection is logged before any of it (issue 18.7)."""
+    model, x = model_and_input
+    monkeypatch.setattr(engine, "LONG_RUN_SECONDS", 0.0)
+    logged_before_path = []
+    real = engine.evaluator_for
+
+    def spy(game, proof):
+        logged_before_path.extend(r.getMessage() for r in caplog.records)
+        return real(game, proof)
+
+    monkeypatch.setattr(engine, "evaluator_for", spy)
+    with caplog.at_level("WARNING", logger="shapcam_ext"):
+        explain(model, x, n_permutations=64)
+    assert any("checking for a faster exact path first" in m for m in logged_before_path)
