@@ -263,7 +263,8 @@ def paired(a: np.ndarray, b: np.ndarray) -> dict:
     if len(d) < 2:
         return {"mean": float(d.mean()), "std_error": float("nan"), "beyond_noise": False}
     se = float(d.std(ddof=1) / np.sqrt(len(d)))
-    return {"mean": float(d.mean()), "std_error": se, "beyond_noise": bool(abs(d.mean()) > t.ppf(0.975, len(d) - 1) * se)}
+    beyond = abs(d.mean()) > t.ppf(0.975, len(d) - 1) * se
+    return {"mean": float(d.mean()), "std_error": se, "beyond_noise": bool(beyond)}
 
 
 def wrn(spec: str) -> WideResNet:
@@ -341,8 +342,8 @@ def main():
           f"teacher WRN-{args.teacher} test error {teacher_error:.2f}%")
     print(table)
     for c in comparisons:
-        print(f"{c['row']} - {c['against']} ({'w/' if c['kd'] else 'w/o'} KD): {c['mean']:+.2f} ± {c['std_error']:.2f} "
-              f"points ({'beyond' if c['beyond_noise'] else 'within'} the seed noise)")
+        print(f"{c['row']} - {c['against']} ({'w/' if c['kd'] else 'w/o'} KD): {c['mean']:+.2f} ± "
+              f"{c['std_error']:.2f} points ({'beyond' if c['beyond_noise'] else 'within'} the seed noise)")
     save_json(Path(args.out), {
         "experiment": "knowledge distillation from explanations (paper §4.3), sklearn digits",
         "settings": vars(args), "environment": environment(),

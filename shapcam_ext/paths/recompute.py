@@ -87,8 +87,15 @@ class RecomputeWalk(Evaluator):
         step = sum(self._channels(u, node) * r.index.shape[1] * (3 if r.kind == PRE else 1)
                    for node, reads in self.reads.items() for u, r in reads.items() if r.index is not None)
         step += sum(v.channels * _box_size(v)[0] * _box_size(v)[1] for v in map(plan.values.get, self.order))
-        per_row = (state + step) * element + tail_row_bytes + start[0].numel() * element
-        super().__init__(game, b * per_row + b * (h * w + 1) * 8)
+        per_step = step * element + tail_row_bytes + start[0].numel() * element
+        if game.planner.differentiable:
+            # The backward recomputes the round and keeps every step's values until it runs back
+            # through them: the boxes, the tail, and the kept maps a convolution reads whole (a
+            # step then writes a new one rather than into the one kept).
+            whole = sum(_padded_numel(plan.values[u]) for reads in self.reads.values() for u, r in reads.items()
+                        if r.kind == STATE and r.index is None)
+            per_step = h * w * (per_step + whole * element)
+        super().__init__(game, b * (state * element + per_step) + b * (h * w + 1) * 8)
 
     def _channels(self, source: fx.Node, node: fx.Node) -> int:
         """Channels of an input that ``node`` reads on a box (a held map has ``node``'s size)."""
