@@ -11,8 +11,12 @@ permutations (seed 0). Per configuration:
 
 times are medians of the repeats, in one process per configuration. Peak memory is the growth of
 the process's peak resident set over what it held once the model, the photo and a warm-up map
-were loaded (``ru_maxrss``, so allocator caching included), measured in a fresh process for the
-map alone and for the map with its graph and backward. torch runs on --threads threads.
+were loaded (``ru_maxrss``), in a fresh process for the map alone and for the map with its graph
+and backward, twice: with glibc's malloc as it comes, and with its mmap threshold fixed at
+128 KiB (``MALLOC_MMAP_THRESHOLD_``), which returns every freed large block to the system, so that
+the peak is what was alive rather than what the heap kept (the differentiable recompute walk's
+many mid-sized allocations grow glibc's heap by about 185 MB per round otherwise, with nothing
+alive in it). torch runs on --threads threads.
 
     python bench/bench_differentiable.py [--threads 1] [--repeats 3] [--quick]
 
@@ -39,6 +43,7 @@ from shapcam_ext import ShapCAM, backend_info  # noqa: E402  (bench_scenarios pu
 from shapcam_ext.targets import ClassifierOutputSoftmaxTarget  # noqa: E402
 
 LAYERS = ("bn2", "blocks.5")
+LIVE = {"MALLOC_MMAP_THRESHOLD_": str(128 << 10)}  # peak resident memory = peak live memory
 PERMUTATIONS = (64, 256)
 MODES = ("map", "graph")  # the map alone; the map with its graph, then the backward
 
@@ -88,29 +93,34 @@ def main() -> None:
         return
     ks, repeats = (PERMUTATIONS[:1], 1) if args.quick else (PERMUTATIONS, args.repeats)
     started, load = time.perf_counter(), os.getloadavg()
-    rows = {}
+
+    def child(layer: str, k: int, mode: str, env: dict) -> dict:  # a fresh process each: ru_maxrss only grows
+        out = subprocess.run([sys.executable, __file__, "--child", layer, str(k), mode, "--threads", str(args.threads),
+                              "--repeats", str(repeats)], check=True, capture_output=True, text=True,
+                             env={**os.environ, **env}).stdout
+        return json.loads(out.strip().splitlines()[-1])
+
+    results = []
     for layer in LAYERS:
         for k in ks:
-            for mode in MODES:  # a fresh process each: ru_maxrss only grows
-                out = subprocess.run([sys.executable, __file__, "--child", layer, str(k), mode, "--threads",
-                                      str(args.threads), "--repeats", str(repeats)],
-                                     check=True, capture_output=True, text=True).stdout
-                rows.setdefault((layer, k), {}).update({mode: json.loads(out.strip().splitlines()[-1])})
-    results = []
-    for (layer, k), both in rows.items():
-        plain, graph = both["map"], both["graph"]
-        results.append({
-            "layer": layer, "K": k, "path": graph["path"], "map_s": plain["map_s"], "forward_s": graph["forward_s"],
-            "backward_s": graph["backward_s"], "backward_over_forward": graph["backward_s"] / graph["forward_s"],
-            "backward_over_map": graph["backward_s"] / plain["map_s"],
-            "peak_map_MiB": plain["peak_bytes"] / 2**20, "peak_graph_MiB": graph["peak_bytes"] / 2**20,
-        })
-    print_table(f"Differentiable maps, Lite0, {args.threads} thread(s), medians of {repeats}",
-                ["layer", "K", "path", "map s", "forward s", "backward s", "bwd/fwd", "bwd/map", "peak map MiB",
-                 "peak graph+bwd MiB"],
+            plain, graph = (child(layer, k, mode, {}) for mode in MODES)
+            live_plain, live_graph = (child(layer, k, mode, LIVE)["peak_bytes"] for mode in MODES)
+            results.append({
+                "layer": layer, "K": k, "path": graph["path"], "map_s": plain["map_s"],
+                "forward_s": graph["forward_s"], "backward_s": graph["backward_s"],
+                "backward_over_forward": graph["backward_s"] / graph["forward_s"],
+                "backward_over_map": graph["backward_s"] / plain["map_s"],
+                "peak_map_MiB": live_plain / 2**20, "peak_graph_MiB": live_graph / 2**20,
+                "peak_rss_map_MiB": plain["peak_bytes"] / 2**20, "peak_rss_graph_MiB": graph["peak_bytes"] / 2**20,
+            })
+    print_table(f"Differentiable maps, Lite0, {args.threads} thread(s), medians of {repeats}; peaks in MiB "
+                "(live; in parentheses, resident with glibc's default malloc)",
+                ["layer", "K", "path", "map s", "forward s", "backward s", "bwd/fwd", "bwd/map", "peak map",
+                 "peak graph+bwd"],
                 [[r["layer"], r["K"], r["path"], f"{r['map_s']:.3f}", f"{r['forward_s']:.3f}",
                   f"{r['backward_s']:.3f}", f"{r['backward_over_forward']:.2f}", f"{r['backward_over_map']:.2f}",
-                  f"{r['peak_map_MiB']:.0f}", f"{r['peak_graph_MiB']:.0f}"] for r in results])
+                  f"{r['peak_map_MiB']:.0f} ({r['peak_rss_map_MiB']:.0f})",
+                  f"{r['peak_graph_MiB']:.0f} ({r['peak_rss_graph_MiB']:.0f})"] for r in results])
     payload = {
         "benchmark": "differentiable Shap-CAM maps: backward vs forward, peak memory (Lite0, chelsea)",
         "threads": args.threads, "repeats": repeats, "load_average_before": load, "load_average_after": os.getloadavg(),

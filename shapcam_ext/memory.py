@@ -13,12 +13,15 @@ twice (see :class:`MemoryPlanner`).
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any, Callable, Optional
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.checkpoint import checkpoint
+
+from shapcam_ext.model_state import current_semantics
 
 __all__ = ["MemoryPlanner", "allocated_bytes", "format_bytes", "graph_bytes_per_permutation", "recomputed"]
 
@@ -74,11 +77,14 @@ def cost_per_unit(run: Callable[[int], Callable[[], object]]) -> tuple[int, int]
 def recomputed(fn: Callable[..., Any], *args: Any) -> Any:
     """``fn(*args)``; while autograd records, its backward recomputes it (a non-reentrant
     ``torch.utils.checkpoint``) instead of keeping its intermediate values: the graph keeps
-    ``args`` and the tensors ``fn`` reads, which the caller holds anyway, and ``fn`` must compute
-    the same values again (the paths are deterministic and draw no random numbers)."""
+    ``args`` and the tensors ``fn`` reads, which the caller holds anyway. The recomputation runs
+    under the evaluation semantics active now (the backward comes after explain has restored the
+    model's modes), so ``fn`` computes the same values again: the paths are deterministic and
+    draw no random numbers. It reads the parameters as they are when the backward runs."""
     if not torch.is_grad_enabled():
         return fn(*args)
-    return checkpoint(fn, *args, use_reentrant=False)
+    again = current_semantics()
+    return checkpoint(fn, *args, use_reentrant=False, context_fn=lambda: (nullcontext(), again))
 
 
 def graph_bytes_per_permutation(batch: int, n: int) -> int:

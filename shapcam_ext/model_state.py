@@ -15,14 +15,16 @@ from __future__ import annotations
 
 import threading
 import weakref
-from contextlib import ExitStack, contextmanager
-from typing import Iterator
+from contextlib import ExitStack, contextmanager, nullcontext
+from contextvars import ContextVar
+from typing import ContextManager, Iterator, Optional
 
 import torch
 from torch import nn
 
 _locks: "weakref.WeakKeyDictionary[nn.Module, threading.RLock]" = weakref.WeakKeyDictionary()
 _locks_guard = threading.Lock()
+_explained: ContextVar[Optional[nn.Module]] = ContextVar("shapcam_explained", default=None)
 
 
 def _module_locks(model: nn.Module) -> list:
@@ -47,9 +49,35 @@ def eval_semantics(model: nn.Module, grad: bool = False) -> Iterator[nn.Module]:
         try:
             if any(training for _, training in modes):  # a model already in eval mode costs nothing here
                 model.eval()
-            with torch.set_grad_enabled(grad):
-                yield model
+            token = _explained.set(model)
+            try:
+                with torch.set_grad_enabled(grad):
+                    yield model
+            finally:
+                _explained.reset(token)
         finally:
             for module, training in modes:
                 if module.training != training:
                     module.training = training
+
+
+def current_semantics() -> ContextManager:
+    """A context manager that re-enters, each time it is entered, the evaluation semantics of the
+    block active now, with autograd on: for work that a differentiable map's backward recomputes
+    (once, or again for a second derivative) after the block has given the model its own modes
+    back, when a model in training mode would recompute in training mode. Outside a block, it does
+    nothing."""
+    return _Reentered(_explained.get())
+
+
+class _Reentered:
+    def __init__(self, model: Optional[nn.Module]):
+        self.model, self.entered = model, []
+
+    def __enter__(self) -> None:
+        block = nullcontext() if self.model is None else eval_semantics(self.model, grad=True)
+        self.entered.append(block)
+        block.__enter__()
+
+    def __exit__(self, *exc) -> Optional[bool]:
+        return self.entered.pop().__exit__(*exc)

@@ -28,13 +28,15 @@ from test_incremental import force
 
 TARGETS = [ClassifierOutputSoftmaxTarget(1), ClassifierOutputSoftmaxTarget(2)]
 SETTINGS = dict(n_permutations=8, seed=1)
-HEADS = {  # after a 1 -> 4 channel 3 x 3 conv and a tanh (the trunk), on 2 x 4 maps: 8 players
+# After a 1 -> 4 channel 3 x 3 conv and a tanh (the trunk), on 2 x 4 maps: 8 players. Batch norm
+# and dropout sit where each path computes in its chunks (what the backward recomputes).
+HEADS = {
     "pooled-linear": lambda: [nn.Conv2d(4, 4, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 5)],
     "pooled": lambda: [nn.Conv2d(4, 4, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 5), nn.Tanh(),
-                       nn.Linear(5, 3)],
+                       nn.Dropout(0.5), nn.Linear(5, 3)],
     "local-pool": lambda: [nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8, 3)],  # two 2 x 2 cells
-    "local": lambda: [nn.Conv2d(4, 4, 3, padding=1), nn.Tanh(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                      nn.Linear(4, 5)],
+    "local": lambda: [nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Tanh(), nn.AdaptiveAvgPool2d(1),
+                      nn.Flatten(), nn.Linear(4, 5)],
 }
 # (head, the path it must take, the incremental walk forced, settings)
 CASES = [
@@ -54,7 +56,12 @@ SECOND_ORDER = {"pooled", "local-pool-linear", "incremental-recompute", "generic
 
 def tiny(head: str) -> nn.Sequential:
     torch.manual_seed(11)
-    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.Tanh(), *HEADS[head]()).double().eval()
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.Tanh(), *HEADS[head]()).double().eval()
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):  # running statistics far from any batch's
+            module.running_mean.uniform_(-1, 1)
+            module.running_var.uniform_(0.5, 2)
+    return model
 
 
 @pytest.fixture(params=CASES, ids=IDS)
@@ -174,6 +181,22 @@ def test_a_batch_prepared_without_its_graph_is_refused():
     cam = ShapCAM(model, [model[1]], **SETTINGS)
     with pytest.raises(ValueError, match=re.escape(NO_GRAPH)):
         cam.estimate(cam.prepare(inputs()), TARGETS, create_graph=True)
+
+
+def test_the_backward_recomputes_in_eval_mode(case):
+    """A model in training mode gets its evaluation-mode map and that map's gradient: the backward
+    recomputes its chunks in eval mode too, after explain has restored the model's modes."""
+    model, cam, path = case
+    x = inputs().requires_grad_()
+    evaluated = copy.deepcopy(model)
+    model.train()
+    buffers = copy.deepcopy(list(model.buffers()))
+    (got,) = torch.autograd.grad(maps(cam, x, create_graph=True).sum(), x)
+    (expected,) = torch.autograd.grad(maps(ShapCAM(evaluated, [evaluated[1]], config=cam.config), x,
+                                           create_graph=True).sum(), x)
+    assert torch.equal(got, expected), f"{path}: the gradient depends on the model's mode"
+    assert all(torch.equal(a, b) for a, b in zip(model.buffers(), buffers))
+    assert model.training
 
 
 def test_the_model_is_left_as_it_was():
