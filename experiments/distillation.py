@@ -34,8 +34,8 @@ Every row trains the same students (seed s gives every row the same initial stud
 and the summary compares each row with cross-entropy alone and the Shap-CAM row with its stand-in,
 paired by seed.
 
-    python experiments/distillation.py            # 5 seeds x 12 student settings (about 12 min wall on a shared 2-core machine)
-    python experiments/distillation.py --quick    # 1 seed, fewer epochs (about 2 min)
+    python experiments/distillation.py            # 10 seeds x 12 student settings (about 10 min wall on a shared 2-core machine)
+    python experiments/distillation.py --quick    # 1 seed, fewer epochs (about 20 s)
 """
 from __future__ import annotations
 
