@@ -8,6 +8,7 @@
 * :mod:`.incremental` (with :mod:`.receptive`, :mod:`.recompute`, :mod:`.table`): heads that mix
   positions locally before a global pool: each step recomputes, or looks up, what it changes.
 * :mod:`.selfcheck`: a fast path runs only after agreeing with the head on probe coalitions.
+* :mod:`.differentiable`: the differentiable sums a map's autograd graph is built from.
 
 A new path is one Evaluator subclass and one line in :func:`evaluator_for`.
 """

@@ -141,8 +141,14 @@ class RecomputeWalk(Evaluator):
                 value.channels * value.area if any(r.kind == WHOLE for r in self.reads[node].values()) else 0)
             step += sum(most * r.taps.shape[1] * self._channels(u, node) * (3 if r.kind == PRE else 1)
                         for u, r in self.reads[node].items() if r.taps is not None)
-        per_row = (state + step) * element + tail_row_bytes + start[0].numel() * element
-        super().__init__(game, b * per_row + b * (h * w + 1) * 8)
+        per_step = step * element + tail_row_bytes + start[0].numel() * element
+        if game.planner.differentiable:
+            # The backward recomputes the round and keeps every step's values until it runs back
+            # through them: the sites, the tail, and the kept maps an op may have saved (a step then
+            # writes a new one rather than into the one kept).
+            read = {u for reads in self.reads.values() for u, r in reads.items() if r.kind in (STATE, WHOLE)}
+            per_step = h * w * (per_step + sum(_padded_numel(plan.values[u]) for u in read) * element)
+        super().__init__(game, b * (state * element + per_step) + b * (h * w + 1) * 8)
 
     def _sites(self, node: fx.Node) -> Sites:
         return self.sites[self.plan.values[node].axes]
@@ -251,10 +257,9 @@ class _Step:
         rows = torch.arange(images * k, device=positions.device)
         for u in walk.entering:  # a kept position-wise value: its kept value enters at the entering position
             where = walk.writes[u][positions].repeat(images, 1).flatten()
-            state, kept = self.states[u], walk.padded[u]
-            per_map = state[0].numel() // state.shape[-1]
-            state.view(-1, state.shape[-1])[rows * per_map + where] = \
-                kept.view(-1, kept.shape[-1])[rows // k * per_map + where]
+            kept = walk.padded[u]
+            per_map = kept[0].numel() // kept.shape[-1]
+            self._write(u, rows * per_map + where, kept.view(-1, kept.shape[-1])[rows // k * per_map + where])
 
     def compute(self, node: fx.Node) -> None:
         """``node``'s value at its sites, for every row; written into its kept map if it has one."""
@@ -285,14 +290,26 @@ class _Step:
             args, kwargs = fx.map_arg((node.args, node.kwargs), lambda u: inputs[u] if u in inputs else plan.keep[u])
             result = plan.runner.call(node, args, kwargs).flatten(1)
         self.fresh[node] = result
-        if node in walk.kept:
+        if node in walk.kept and where.whole:
             state = self.states[node]
-            if where.whole:
-                _interior(state, value.margin).copy_(result.view(state.shape[0], value.axes[0].length, value.axes[1].length, -1))
+            maps = result.view(state.shape[0], value.axes[0].length, value.axes[1].length, -1)
+            if torch.is_grad_enabled():  # an op may have saved the kept map for its backward: a new one
+                self.states[node] = F.pad(maps, (0, 0) + (value.margin,) * 4)
             else:
-                flat = where.rows[:, None] * (state[0].numel() // state.shape[-1]) + walk.writes[node][
-                    where.index.repeat(self.images)]
-                state.view(-1, state.shape[-1]).index_copy_(0, flat.flatten(), result)
+                _interior(state, value.margin).copy_(maps)
+        elif node in walk.kept:
+            per_map = self.states[node][0].numel() // value.channels
+            self._write(node, (where.rows[:, None] * per_map + walk.writes[node][where.index.repeat(self.images)])
+                        .flatten(), result)
+
+    def _write(self, node: fx.Node, flat: Tensor, rows: Tensor) -> None:
+        """Puts ``rows`` at the flat positions ``flat`` of ``node``'s kept maps."""
+        state = self.states[node]
+        target = state.view(-1, state.shape[-1])
+        if torch.is_grad_enabled():  # an op may have saved the kept map for its backward: write a new one
+            self.states[node] = target.index_copy(0, flat, rows).view_as(state)
+        else:
+            target.index_copy_(0, flat, rows)
 
     def _positions(self, node: fx.Node, source: fx.Node, read: _Read, where: _Where) -> Tensor:
         """An input of the position-wise ``node`` at its sites, as maps of one position in the input's
