@@ -161,11 +161,11 @@ def _layers(evaluator, times: dict, k: int) -> list[dict]:
             value = plan.values[node]
             box = value.axes[0].box * value.axes[1].box
             sites = recompute.Sites(value.axes, plan.size, torch.device("cpu")).mean
-            grouped = value.conv is not None and value.conv.module.groups > 1  # on its whole map
+            whole = any(read.kind == recompute.WHOLE for read in evaluator.reads[node].values())
             row.update(channels=value.channels, kernel=list(value.conv.kernel) if value.conv else [1, 1],
                        groups=value.conv.module.groups if value.conv else 1, area=value.area, box=box, sites=sites,
                        mflop_full=value.flops * value.area / 1e6, mflop_box=value.flops * box / 1e6,
-                       mflop_sites=value.flops * (value.area if grouped else sites) / 1e6)
+                       mflop_sites=value.flops * (value.area if whole else sites) / 1e6)
         rows.append(row)
     return rows
 
@@ -292,7 +292,8 @@ def report(results: dict) -> str:
         lines += ["", f"## {game}: per recomputed layer", "",
                   "Box: the positions the old walk recomputed at every step; sites: the mean count the new walk "
                   "computes (the indices whose footprint holds the entering position, cut by the map's edge; a "
-                  "grouped convolution runs on the whole map). Seconds per permutation from a timed run of each "
+                  "grouped convolution whose patches would outweigh its input runs on the whole map, and a batch "
+                  "norm after a convolution is folded into it). Seconds per permutation from a timed run of each "
                   "walk.", "",
                   "| layer | kernel / groups | channels | map | box | sites | MFLOP per step: full map / box / sites "
                   "| today s/perm | new s/perm | new GFLOP/s |", "|---|---|---|---|---|---|---|---|---|---|"]

@@ -36,10 +36,10 @@ from shapcam_ext.paths.running import RunningWalk, tail_bytes_per_row
 from shapcam_ext.paths.table import MAX_BITS, FootprintStates, FootprintSteps, footprint_bits
 
 GENERIC, RECOMPUTE, TABLE = "generic", "recompute", "table"
-# The recompute walk gathers and scatters its boxes and runs each layer once per step on K rows
-# rather than once on K (n + 1) rows: on ConvNeXt-T's last block at 7 x 7 (boxes of the whole map,
-# 2% fewer flops than the generic path) it ran 0.92-1.1x as fast as the generic path; so it must
-# promise 10% more to be chosen. (On Lite0 blocks.4 it beat its flops: 1.9x against 1.3x.)
+# The recompute walk gathers and scatters its sites and runs each layer once per step on the K
+# rows' sites rather than once on K (n + 1) maps. Per flop it ran at 0.95x the generic path's speed
+# cut after ResNet-50's layer3, 1.0x before ConvNeXt-T's last block and 1.1x after Lite0's blocks.4
+# (bench/bench_breakdown.py), so it must promise 10% more to be chosen.
 RECOMPUTE_OVERHEAD = 1.1
 
 
