@@ -168,6 +168,11 @@ class _Run:
             ends = game.worth(torch.stack([game.base_map(), game.players], 1).flatten(0, 1))  # (b, 2)
             report.head_timed(_synchronized_clock(game.device) - tick, 2 * game.batch)
             evaluator = evaluator_for(game, self.proof)
+            closed = evaluator.exact_values()
+            if closed is not None:  # nothing to sample: zero permutations, zero standard errors
+                estimate = RunningEstimate(game.batch, game.n, 1, game.device, exhaustive=True)
+                estimate.total.copy_(closed)
+                return self._results(estimate, ends, evaluator, None if cfg.tolerance is None else True)
             stream = (ExhaustiveStream(game.n, game.device) if cfg.exact
                       else PermutationStream(game.n, cfg.antithetic, cfg.seed, game.device, cfg.design,
                                              cfg.permutations))
