@@ -247,6 +247,8 @@ class _Analysis:
                 self.unbound[node] = self._unbind(node, layout)
                 return None
             return self._move(node, layout, method)
+        if node.op == "call_function" and node.target is operator.getitem:
+            raise NotProven(f"{node.name} indexes a token-wise value other than by one token, x[:, i]")
         rule = _rule(node, self.gm)
         if rule == "elementwise":
             return self._elementwise(node)
