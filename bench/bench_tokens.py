@@ -14,7 +14,8 @@ the top class:
 
 * per permutation: the generic path's time on one antithetic pair (seed 0), the walk's on the same
   permutations and the largest difference of their maps; the walk's time per permutation at
-  K = 512, where its set-up (trunk, self-check, memory plan) is amortised;
+  K = 512 (rounded up to whole latin blocks), where its set-up (trunk, self-check, memory plan) is
+  amortised;
 * error ladder: K = 2, 8, 32, ..., 2048 (the default latin antithetic design) until the error is
   below half the goal; the relative L2 error of the signed map from pairs of seeds, without a reference
   (bench_estimators --pairs' method: for independent seeds E||phi_a - phi_b||^2 = 2 MSE(K), MSE the sum
@@ -146,7 +147,7 @@ def run(name: str, setting: str, ks, seeds: int) -> dict:
 
 
 HEADER = ["model", "weights", "GradCAM", "generic / permutation", "walk / permutation (K)", "generic / walk",
-          "K to 2%", "time to 2%", "time to 2% / GradCAM", "same permutations: max |diff| / map"]
+          "K to 2%", "time to 2%", "time to 2% / GradCAM", "same permutations: largest difference / map"]
 
 
 def rows(results: list[dict]) -> list[list]:
