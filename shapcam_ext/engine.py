@@ -8,6 +8,15 @@ streams permutations in rounds (:mod:`shapcam_ext.sampling`), lets the path accu
 marginal contributions on the model's device (:mod:`shapcam_ext.statistics`), and stops when the
 permutations are spent or the tolerance is met. Every public API (ShapCAM, the adapters, the CLI)
 goes through these two calls, so one forward pass serves every layer and method of a batch.
+
+With ``create_graph`` both phases record their autograd graph (the modules still in eval mode),
+and the maps come back as differentiable functions of the model's parameters, the input and the
+baseline, for the permutations drawn: a loss on them can be trained. What the graph keeps until
+the backward is bounded and counted by the memory planner (:mod:`shapcam_ext.memory`): the trunk's
+graph, the tensors the path holds (the activation, the baseline, the held values; a fast path's
+tables), and per permutation its order and the worths of its prefixes; every chunk of head
+evaluations (or round of a walk) is recomputed in the backward rather than kept. The self-check
+and the cost probe stay out of the graph.
 """
 from __future__ import annotations
 
@@ -26,7 +35,7 @@ from shapcam_ext._backend import backend_info
 from shapcam_ext.config import SamplingConfig
 from shapcam_ext.game import Game
 from shapcam_ext.head import ModelCuts, Prepared
-from shapcam_ext.memory import MemoryPlanner
+from shapcam_ext.memory import MemoryPlanner, graph_bytes_per_permutation
 from shapcam_ext.model_state import eval_semantics
 from shapcam_ext.paths import Evaluator, Proof, evaluator_for, proof_of
 from shapcam_ext.players import PlayerGrid
@@ -38,12 +47,14 @@ from shapcam_ext.targets import Scorer, Target, resolve_targets
 logger = logging.getLogger("shapcam_ext")
 
 LONG_RUN_SECONDS = 60.0  # runs projected to take longer announce their cost first
-# A probe shorter than this is timed again over more permutations: a short call is mostly fixed
-# overhead and small batches, and would inflate the projection of a long run of cheap permutations.
-MIN_PROBE_SECONDS = 0.02
+# With a tolerance, a pilot of small Latin blocks (8 units of them, the fewest a stop check takes)
+# projects how many permutations the tolerance needs, which sizes the blocks of the run.
+PILOT_PERMUTATIONS = 64
 NON_FINITE_ACTIVATION = "the target layer's activation has NaN or Inf values; check the input and the model's weights"
 NON_FINITE_SCORE = ("the target's score is NaN or Inf for some coalitions (check the model's weights and the "
                     "target); no map was made")
+NO_GRAPH = ("create_graph=True needs a batch prepared with its graph, or no gradient would reach the model before "
+            "the target layer; prepare it with prepare(x, create_graph=True)")
 
 
 def check_input(input_tensor, model: torch.nn.Module) -> None:
@@ -91,33 +102,43 @@ class ShapleyEngine:
         with eval_semantics(model):
             self.proofs = [proof_of(split, config.fast_path) for split in cuts.splits]
 
-    def prepare(self, input_tensor: torch.Tensor) -> Prepared:
-        """Runs the model once on a batch, under eval semantics, for every target layer.
+    # Under torch.compile both phases run eagerly (one graph break each): they switch module modes,
+    # read the device back (stop checks, results) and time themselves, which would break a traced
+    # graph dozens of times and recompile it on every batch.
+    @torch.compiler.disable
+    def prepare(self, input_tensor: torch.Tensor, create_graph: bool = False) -> Prepared:
+        """Runs the model once on a batch, under eval semantics, for every target layer; with
+        ``create_graph``, under autograd, so that a map's gradients reach the trunk.
 
         Raises:
             TypeError / ValueError: input the model cannot take, named with the fix.
         """
         check_input(input_tensor, self.model)
-        with eval_semantics(self.model):
+        with eval_semantics(self.model, grad=create_graph):
             return self.cuts.run(input_tensor)
 
+    @torch.compiler.disable
     def estimate(self, prepared: Prepared, targets: Optional[Sequence[Target]] = None,
-                 layer: int = 0) -> List[ShapleyResult]:
-        """Shapley maps of a prepared batch at target layer ``layer`` (an index into the layers).
+                 layer: int = 0, create_graph: bool = False) -> List[ShapleyResult]:
+        """Shapley maps of a prepared batch at target layer ``layer`` (an index into the layers);
+        with ``create_graph``, differentiable ones (see the module's docstring).
 
         Raises:
             BatchError: some images failed (non-finite activations or worths); its ``results``
                 holds the others.
-            TypeError / ValueError: targets or a layer index that cannot work, named.
+            TypeError / ValueError: targets or a layer index that cannot work, named; create_graph
+                for a batch prepared without its graph.
         """
         if not isinstance(prepared, Prepared):
             raise TypeError(f"prepared must come from prepare(x), got {type(prepared).__name__}")
         if not 0 <= layer < len(self.proofs) or isinstance(layer, bool):
             raise ValueError(f"layer must index the {len(self.proofs)} target layer(s), got {layer!r}")
+        if create_graph and not prepared.graph:
+            raise ValueError(NO_GRAPH)
         start = time.perf_counter()
         cut = prepared.layers[layer]
         batch = prepared.input.shape[0]
-        with eval_semantics(self.model):
+        with eval_semantics(self.model, grad=create_graph):
             grid = PlayerGrid(cut.activation, self.reshape_transform, self.config.group_size)
             with host_reads(grid.players.device):
                 targets = resolve_targets(targets, prepared.outputs, batch)
@@ -126,7 +147,7 @@ class ShapleyEngine:
             failures = {i: NON_FINITE_ACTIVATION for i, ok in enumerate(finite) if not ok}
             results: List[Optional[ShapleyResult]] = [None] * batch
             for images in _runs([i for i, ok in enumerate(finite) if ok]):
-                game = self._game(grid, cut.held, cut.head, cut.name, batch, targets, baseline, images)
+                game = self._game(grid, cut.held, cut.head, cut.name, batch, targets, baseline, images, create_graph)
                 run = _Run(self, game, self.proofs[layer], prepared.seconds + time.perf_counter() - start)
                 for i, outcome in zip(range(images.start, images.stop), run.results()):
                     if isinstance(outcome, str):
@@ -138,17 +159,20 @@ class ShapleyEngine:
         return results
 
     def _game(self, grid: PlayerGrid, held: tuple, head, name: str, batch: int, targets: List[Target],
-              baseline: torch.Tensor, images: slice) -> Game:
+              baseline: torch.Tensor, images: slice, create_graph: bool) -> Game:
         # Which held values are batched like the input (tensors of the head's batch); the rest
         # (None, flags, unbatched tensors) pass through unchanged.
         batched = tuple(isinstance(h, torch.Tensor) and h.dim() > 0 and h.shape[0] == batch for h in held)
         cfg = self.config
+        n = grid.players.shape[-1] * grid.players.shape[-2]
+        walked = math.factorial(n) if cfg.exact else cfg.permutations
+        graph_bytes = walked * graph_bytes_per_permutation(images.stop - images.start, n) if create_graph else None
         return Game(
             layer=name, head=head, grid=grid, players=grid.players[images],
             baseline=baseline[images] if baseline.dim() else baseline,
             held=tuple(h[images] if b else h for h, b in zip(held, batched)), batched=batched,
             targets=tuple(targets[images]), images=images, scorer=Scorer(),
-            planner=MemoryPlanner(cfg.memory_budget, cfg.batch_size), permutations=cfg.permutations,
+            planner=MemoryPlanner(cfg.memory_budget, cfg.batch_size, graph_bytes), permutations=cfg.permutations,
         )
 
 
@@ -165,37 +189,37 @@ class _Run:
         report = _CostReport(game)
         with host_reads(game.device):  # the setup: the ends, the path and its check, the cost probe
             tick = _synchronized_clock(game.device)
-            ends = game.worth(torch.stack([game.base_map(), game.players], 1).flatten(0, 1))  # (b, 2)
+            with torch.no_grad():  # reported as numbers
+                ends = game.worth(torch.stack([game.base_map(), game.players], 1).flatten(0, 1))  # (b, 2)
             report.head_timed(_synchronized_clock(game.device) - tick, 2 * game.batch)
             evaluator = evaluator_for(game, self.proof)
             closed = evaluator.exact_values()
             if closed is not None:  # nothing to sample: zero permutations, zero standard errors
-                estimate = RunningEstimate(game.batch, game.n, 1, game.device, exhaustive=True)
-                estimate.total.copy_(closed)
+                estimate = RunningEstimate(game.batch, game.n, 1, game.device, True, game.planner.differentiable)
+                estimate.total.copy_(closed.detach())
+                if estimate.differentiable:
+                    estimate.add_sums(closed)
                 return self._results(estimate, ends, evaluator, None if cfg.tolerance is None else True)
-            stream = (ExhaustiveStream(game.n, game.device) if cfg.exact
-                      else PermutationStream(game.n, cfg.antithetic, cfg.seed, game.device, cfg.design,
-                                             cfg.permutations))
-            unit = stream.unit_size
-            total = stream.total if stream.exhaustive else -(-cfg.permutations // unit) * unit
-            estimate = RunningEstimate(game.batch, game.n, unit, game.device, stream.exhaustive)
-            per_round = max(unit, evaluator.permutations_per_round(unit) // unit * unit)
-            schedule = _StopSchedule(cfg.tolerance, unit, total)
-            if total > unit:
-                report.probe(evaluator, schedule.projected_total, per_round, total)
-        bar = tqdm(total=total, desc="permutations", unit="perm", disable=not self.engine.progress, leave=False)
+            piloted = cfg.tolerance is not None and cfg.design == "latin" and not cfg.exact
+            sampler = _Sampler(game, evaluator, cfg, PILOT_PERMUTATIONS if piloted else cfg.permutations, cfg.seed)
+            if sampler.total > sampler.unit:
+                report.probe(evaluator, sampler.schedule.projected_total, sampler.per_round, sampler.total)
+        bar = tqdm(total=sampler.total, desc="permutations", unit="perm", disable=not self.engine.progress,
+                   leave=False)
         with bar:
-            while estimate.permutations < total:
-                count = min(per_round, total - estimate.permutations, schedule.next_check - estimate.permutations)
-                evaluator.accumulate(stream.take(count), estimate)
-                estimate.permutations += count
-                bar.update(count)
-                if estimate.permutations >= schedule.next_check:
-                    with host_reads(game.device):
-                        if schedule.stop(estimate):
-                            break
-                    report.projected(schedule.projected_total)
-        met = schedule.met(estimate)
+            sampler.run(bar, report, first_check_only=piloted)
+            if piloted and not sampler.finished:
+                # The pilot's first check projected what the tolerance needs: Latin blocks sized for
+                # that many orders (several times fewer worth evaluations than small blocks) start a
+                # fresh, independent run, unless the pilot's blocks are already that size.
+                needed = sampler.schedule.projected_total
+                main = _Sampler(game, evaluator, cfg, needed, _derived_seed(cfg.seed))
+                if main.unit > sampler.unit:
+                    bar.reset(main.total)
+                    sampler = main
+                sampler.run(bar, report)
+        met = sampler.schedule.met()
+        estimate = sampler.estimate
         if met is False:
             warnings.warn(f"shapcam_ext: the tolerance {cfg.tolerance} was not met at {game.layer!r} within "
                           f"{estimate.permutations} permutations (the cap); raise n_permutations, or accept the "
@@ -211,6 +235,8 @@ class _Run:
         finite = (torch.isfinite(mean).all(1) & torch.isfinite(estimate.total_sq).all(1)
                   & torch.isfinite(ends).all(1)).tolist()
         mean, ends = mean.cpu(), ends.double().cpu()
+        # a differentiable map stays on the model's device, where a loss on it runs
+        maps = estimate.differentiable_mean() if estimate.differentiable else mean
         se = None if se is None else se.cpu()
         seconds = time.perf_counter() - self.clock
         h, w = game.players.shape[-2:]
@@ -220,7 +246,7 @@ class _Run:
                 out.append(NON_FINITE_SCORE)
                 continue
             empty, full = ends[i].tolist()
-            shapley = mean[i].view(h, w)
+            shapley = maps[i].view(h, w)
             out.append(ShapleyResult(
                 shapley=shapley,
                 std_error=None if se is None else se[i].view(h, w),
@@ -228,6 +254,7 @@ class _Run:
                 value_empty=empty,
                 efficiency_gap=abs(float(mean[i].sum()) - (full - empty)),
                 n_permutations=estimate.permutations,
+                units=estimate.units,
                 backend=backend_info()["backend"],
                 seconds=seconds,
                 layer=game.layer,
@@ -237,6 +264,47 @@ class _Run:
                 tolerance_met=met,
             ))
         return out
+
+
+class _Sampler:
+    """One stream of permutations and its running estimate, sampled in rounds up to the cap.
+
+    ``block_permutations``: the run length the stream's Latin blocks are sized for (the cap, or a
+    tolerance's projected need); ``total``: the cap, in whole units.
+    """
+
+    def __init__(self, game: Game, evaluator: Evaluator, cfg: SamplingConfig, block_permutations: int,
+                 seed: Optional[int]):
+        self.game, self.evaluator = game, evaluator
+        self.stream = (ExhaustiveStream(game.n, game.device) if cfg.exact
+                       else PermutationStream(game.n, cfg.antithetic, seed, game.device, cfg.design,
+                                              min(block_permutations, cfg.permutations)))
+        self.unit = unit = self.stream.unit_size
+        self.total = self.stream.total if self.stream.exhaustive else -(-cfg.permutations // unit) * unit
+        self.estimate = RunningEstimate(game.batch, game.n, unit, game.device, self.stream.exhaustive,
+                                        game.planner.differentiable)
+        self.per_round = max(unit, evaluator.permutations_per_round(unit) // unit * unit)
+        self.schedule = _StopSchedule(cfg.tolerance, unit, self.total)
+        self.finished = False
+
+    def run(self, bar, report: "_CostReport", first_check_only: bool = False) -> None:
+        """Samples until the cap or a stop (``finished``), or (``first_check_only``) until the first
+        stop check. The rounds never read the device; only the stop checks do."""
+        estimate, schedule = self.estimate, self.schedule
+        while estimate.permutations < self.total:
+            count = min(self.per_round, self.total - estimate.permutations,
+                        schedule.next_check - estimate.permutations)
+            self.evaluator.accumulate(self.stream.take(count), estimate)
+            estimate.permutations += count
+            bar.update(count)
+            if estimate.permutations >= schedule.next_check:
+                with host_reads(self.game.device):
+                    if schedule.stop(estimate):
+                        break
+                report.projected(schedule.projected_total)
+                if first_check_only:
+                    return
+        self.finished = True
 
 
 class _StopSchedule:
@@ -269,7 +337,7 @@ class _StopSchedule:
         self.next_check = self._whole_units(min(self.projected_total, 4 * done))
         return False
 
-    def met(self, estimate: RunningEstimate) -> Optional[bool]:
+    def met(self) -> Optional[bool]:
         """Whether the run met its tolerance (None without one). A run whose cap came before any
         check, or at a check that failed, did not."""
         if self.tolerance is None:
@@ -285,8 +353,9 @@ class _CostReport:
 
     First, from the two ends' head evaluations: when one permutation on the generic path (the
     probe, or a fast path's check) would itself take long, the whole generic projection is
-    logged at once. Then a probe times the chosen path on whole permutations (kept out of the
-    estimate) and the run's projection is logged if long: without a tolerance at once, with one
+    logged at once. Then a probe times the chosen path on one and on a batch of permutations (kept
+    out of the estimate), a call's fixed cost and each permutation's, and the run's projection is
+    logged if long: without a tolerance at once, with one
     at the first stop check, which projects how many permutations it needs. Device work is timed
     with a synchronisation around the probe only, so projections hold on CUDA too.
     """
@@ -307,38 +376,40 @@ class _CostReport:
                 g.layer, g.batch, g.n, g.n + 1, _duration(first), 1e3 * seconds / rows,
                 _duration(first * g.permutations), g.permutations)
 
+    @torch.no_grad()  # a timing, never part of a differentiable map's graph
     def probe(self, evaluator: Evaluator, projected_total: Optional[int], per_round: int, total: int) -> None:
-        """Times the identity order, then more orders at once until the time is no longer mostly
-        fixed overhead (at most a round's worth, and a sixteenth of the run)."""
+        """Times the path on one order, then on a batch of them (at most a round, and a sixteenth of
+        the run): the two separate a call's fixed cost from each permutation's."""
         g = self.game
-        cap = max(1, min(per_round, total // 16))
-        permutations = 1
-        while True:
+        sizes = sorted({1, max(1, min(per_round, total // 16))})
+        seconds = []
+        for permutations in sizes:
             scratch = RunningEstimate(g.batch, g.n, 1, g.device)
             perms = torch.arange(g.n, device=g.device).expand(permutations, g.n).contiguous()
             tick = _synchronized_clock(g.device)
             evaluator.accumulate(perms, scratch)
-            seconds = _synchronized_clock(g.device) - tick
-            if seconds >= MIN_PROBE_SECONDS or permutations >= cap:
-                break
-            permutations = min(cap, 8 * permutations)
-        self.per_permutation = seconds / permutations
-        self.path = evaluator.path
+            seconds.append(_synchronized_clock(g.device) - tick)
+        if len(sizes) == 1:
+            self.fixed, self.per_permutation = 0.0, seconds[0]
+        else:
+            self.per_permutation = max(seconds[1] - seconds[0], 0.0) / (sizes[1] - sizes[0])
+            self.fixed = max(seconds[0] - self.per_permutation, 0.0)
+        self.per_round, self.path = per_round, evaluator.path
         self.projected(projected_total)
 
     def projected(self, projected_total: Optional[int]) -> None:
         if self.done or projected_total is None or self.per_permutation is None:
             return
         self.done = True
-        remaining = self.per_permutation * projected_total
+        remaining = -(-projected_total // self.per_round) * self.fixed + projected_total * self.per_permutation
         if remaining <= LONG_RUN_SECONDS:
             return
         g = self.game
         logger.warning(
             "Shap-CAM at %r: %d image(s), %d players, %d permutations on the %s path: projected %s (%.3g ms per "
             "permutation, measured); lower n_permutations, set tolerance or group_size, or pick a coarser layer",
-            g.layer, g.batch, g.n, projected_total, self.path, _duration(remaining), 1e3 * self.per_permutation,
-            extra={"projected_seconds": remaining})
+            g.layer, g.batch, g.n, projected_total, self.path, _duration(remaining),
+            1e3 * remaining / projected_total, extra={"projected_seconds": remaining})
 
 
 def _synchronized_clock(device: torch.device) -> float:
@@ -347,6 +418,11 @@ def _synchronized_clock(device: torch.device) -> float:
         with host_reads(device):
             torch.cuda.synchronize(device)
     return time.perf_counter()
+
+
+def _derived_seed(seed: Optional[int]) -> Optional[int]:
+    """A second, independent seed from a run's seed (the golden-ratio increment of splitmix64)."""
+    return None if seed is None else (seed + 0x9E3779B97F4A7C15) % 2**64
 
 
 def _duration(seconds: float) -> str:

@@ -17,19 +17,30 @@ and each head reruns the whole model on every call (correct, but slow).
 from __future__ import annotations
 
 import difflib
+import sys
 import time
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Collection, Optional, Sequence, Union
 
+import torch
 import torch.fx as fx
-from torch.utils._pytree import tree_map
 from torch import Tensor, nn
+from torch.utils._pytree import tree_leaves, tree_map
 
 from shapcam_ext.fxutils import ancestors, descendants, extract, protect_inputs
 
-__all__ = ["LayerActivation", "ModelCuts", "Prepared", "SplitModel", "TrunkOutput", "cut_model", "expand_held",
-           "module_name", "split_model"]
+__all__ = ["LayerActivation", "LayerInput", "ModelCuts", "Prepared", "SplitModel", "TrunkOutput", "cut_model",
+           "expand_held", "module_name", "split_model"]
+
+
+@dataclass(frozen=True)
+class LayerInput:
+    """The input of ``layer`` (a module or its qualified name) as the cut, instead of its output:
+    the positions of the tensor the layer is called on are the players (Captum's
+    ``attribute_to_layer_input``). The layer must be called on one tensor."""
+
+    layer: Union[nn.Module, str]
 
 
 @dataclass
@@ -37,14 +48,15 @@ class TrunkOutput:
     """What the trunk returns for a batch of B inputs.
 
     Attributes:
-        activation: the target module's output, (B, C, h, w) for CNNs.
+        activation: the target module's output, (B, C, h, w) for CNNs; a dict or tuple of such
+            maps for layers that return several (an FPN's levels).
         held: other values alive at the cut that the head needs, in a fixed order; pass them to
             the head unchanged (``head(activation, *held)``). Usually tensors of batch B (skip
             inputs; the input itself on the hook path); non-tensor values (e.g. an attention mask
             of None from timm) are passed through as they are.
     """
 
-    activation: Tensor
+    activation: Any
     held: tuple[Tensor, ...]
 
 
@@ -89,12 +101,15 @@ class Prepared:
 
     input: the batch. outputs: the model's output. layers: each target layer's activation and
     held values, in the order of the target layers. seconds: how long the pass took.
+    graph: whether the pass recorded its autograd graph, so that gradients of a map reach the
+    model before the target layer (and the input).
     """
 
     input: Tensor
     outputs: Any
     layers: tuple[LayerActivation, ...]
     seconds: float
+    graph: bool
 
 
 def module_name(model: nn.Module, module: nn.Module) -> str:
@@ -110,6 +125,42 @@ def module_name(model: nn.Module, module: nn.Module) -> str:
         f"{type(module).__name__} module is not a submodule of the {type(model).__name__} model; "
         "pass a module taken from this model (see model.named_modules())"
     )
+
+
+@dataclass(frozen=True)
+class _Cut:
+    """Where a model is cut: after module ``name``, or before it (``at_input``)."""
+
+    name: str
+    at_input: bool
+
+
+_COMPILED_PREFIX = "_orig_mod."
+
+
+def _uncompiled(model: nn.Module, target_layers: Sequence[Any]) -> tuple[nn.Module, list]:
+    """A ``torch.compile``d model is cut in the module it wraps (``_orig_mod``): fx traces that,
+    and its layer names are the ones the user wrote (``"layer4"``; ``"_orig_mod.layer4"``, the
+    compiled model's own name for it, works too). Other models come back as they are."""
+    # A compiled model has imported dynamo; importing it only to check would cost seconds.
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    if eval_frame is None or not isinstance(model, eval_frame.OptimizedModule):
+        return model, list(target_layers)
+
+    def own_name(layer: Any) -> Any:
+        if isinstance(layer, LayerInput):
+            return LayerInput(own_name(layer.layer))
+        if isinstance(layer, str) and layer.startswith(_COMPILED_PREFIX):
+            return layer[len(_COMPILED_PREFIX):]
+        return layer
+
+    return model._orig_mod, [own_name(layer) for layer in target_layers]
+
+
+def _resolve_cut(model: nn.Module, target_layer: Union[nn.Module, str, LayerInput]) -> tuple[_Cut, nn.Module]:
+    at_input = isinstance(target_layer, LayerInput)
+    name, module = _resolve_layer(model, target_layer.layer if at_input else target_layer)
+    return _Cut(name, at_input), module
 
 
 def _resolve_layer(model: nn.Module, target_layer: Union[nn.Module, str]) -> tuple[str, nn.Module]:
@@ -144,13 +195,32 @@ def _timm_notrace() -> tuple[tuple[type, ...], tuple[Callable, ...]]:
 
 
 class _CutTracer(fx.Tracer):
-    """Keeps the target modules (and timm's no-trace modules) as single call_module nodes."""
+    """Keeps the target modules (and timm's no-trace modules) as single call_module nodes.
+
+    The graph is the modules' own computation. fx calls a module it traces through with
+    ``Module.__call__``, which would also run the hooks other code keeps on the model (a live
+    GradCAM's call ``register_hook`` on the proxies, which breaks the trace, and would record
+    them as its activations); this tracer calls their ``forward`` instead, as fx already does for
+    the root, and leaves the hooks registered. Leaf modules are called by the extracted graphs,
+    hooks included, as the model calls them.
+
+    A root without a ``forward`` of its own that defines ``__call__`` (pytorch-grad-cam's
+    embeddings tutorial) is traced through its ``__call__``.
+    """
 
     def __init__(self, targets: Collection[str], extra_leaves: tuple[type, ...],
                  autowrap_functions: tuple[Callable, ...]):
         super().__init__(autowrap_functions=autowrap_functions)
         self.targets = frozenset(targets)
         self.extra_leaves = extra_leaves
+
+    def trace(self, root: nn.Module, concrete_args: Optional[dict[str, Any]] = None) -> fx.Graph:
+        own_forward = type(root).forward is not nn.Module.forward
+        self.traced_func_name = "forward" if own_forward or type(root).__call__ is nn.Module.__call__ else "__call__"
+        return super().trace(root, concrete_args)
+
+    def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        return super().call_module(m, m.forward, args, kwargs)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self.targets:
@@ -205,6 +275,11 @@ def _held_values(graph: fx.Graph, cut: fx.Node) -> list[fx.Node]:
     return [node for node in graph.nodes if node in used and node in before_cut]
 
 
+def _rows(activation: Any) -> int:
+    """The head's batch: the activation's rows (its first map's, for a structure of maps)."""
+    return next(t for t in tree_leaves(activation) if isinstance(t, Tensor)).shape[0]
+
+
 def expand_held(held: tuple[Any, ...], n: int) -> tuple[Any, ...]:
     """Repeat batched held tensors (batch B) to the head's batch N = B*M, image-major."""
     out = []
@@ -239,27 +314,35 @@ class _GraphHead(nn.Module):
         self.graph_module = graph_module
         self.n_held = n_held
 
-    def forward(self, activation: Tensor, *held: Any) -> Any:
+    def forward(self, activation: Any, *held: Any) -> Any:
         if len(held) != self.n_held:
             raise TypeError(f"head expects the activation and {self.n_held} held values, got {len(held)}")
-        return self.graph_module(activation, *expand_held(held, activation.shape[0]))
+        return self.graph_module(activation, *expand_held(held, _rows(activation)))
 
 
 class _NotTraceable(Exception):
     """Why the fx split is not possible; the hook path is used instead."""
 
 
-def _fx_cuts(model: nn.Module, names: list[str]) -> tuple[list[SplitModel], Callable]:
-    """The heads of the fx split at every layer and the one-pass trunk; raises _NotTraceable
+def _fx_cuts(model: nn.Module, targets: list[_Cut]) -> tuple[list[SplitModel], Callable]:
+    """The heads of the fx split at every cut and the one-pass trunk; raises _NotTraceable
     (with the reason) when the hook path must be used instead."""
+    names = [target.name for target in targets]
     graph = _trace(model, names)
     output = next(n for n in reversed(graph.nodes) if n.op == "output")
     cuts = []
-    for name in names:
-        nodes = [n for n in graph.nodes if n.op == "call_module" and n.target == name]
+    for target in targets:
+        nodes = [n for n in graph.nodes if n.op == "call_module" and n.target == target.name]
         if len(nodes) != 1:
-            raise _NotTraceable(f"the target layer {name!r} appears {len(nodes)} times in the traced graph, not once")
-        cuts.append((nodes[0], _held_values(graph, nodes[0])))
+            raise _NotTraceable(f"the target layer {target.name!r} appears {len(nodes)} times in the traced graph, "
+                                "not once")
+        node = nodes[0]
+        if target.at_input:
+            if len(node.args) != 1 or node.kwargs or not isinstance(node.args[0], fx.Node):
+                raise _NotTraceable(f"the target layer {target.name!r} is not called on one tensor, whose positions "
+                                    "could be players")
+            node = node.args[0]
+        cuts.append((node, _held_values(graph, node)))
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     taps = tuple((_snapshot_node(graph, cut), tuple(_snapshot_node(graph, h) for h in held)) for cut, held in cuts)
     trunk = _GraphTrunk(extract(model, graph, placeholders, (output.args[0], taps), keep_defaults=True))
@@ -304,30 +387,37 @@ class _CutReached(Exception):
     """Raised by the capture hooks to stop the forward pass once every target output is known."""
 
 
+def _cut_hook(target: nn.Module, at_input: bool, hook: Callable) -> Any:
+    """Registers ``hook(module, args, output=None)`` where the cut is: before the target runs
+    (``at_input``; a value it returns replaces the arguments) or after (it replaces the output)."""
+    return target.register_forward_pre_hook(hook) if at_input else target.register_forward_hook(hook)
+
+
 class _HookTrunk(nn.Module):
-    """Runs the model once and captures each target module's first output.
+    """Runs the model once and captures each target module's first output (first argument, for
+    a cut at its input).
 
     With ``stop`` the pass ends as soon as every target has returned (its output is then None);
     otherwise it runs to the end and returns the model's output. With ``hold_input`` the input is
     each cut's only held value, for the hook heads.
     """
 
-    def __init__(self, model: nn.Module, targets: dict[str, nn.Module], stop: bool, hold_input: bool):
+    def __init__(self, model: nn.Module, targets: dict[_Cut, nn.Module], stop: bool, hold_input: bool):
         super().__init__()
         self.model, self.targets, self.stop, self.hold_input = model, targets, stop, hold_input
 
     def forward(self, x: Tensor) -> tuple[Any, tuple[TrunkOutput, ...]]:
-        captured: dict[str, Tensor] = {}
+        captured: dict[_Cut, Any] = {}
 
-        def capture(name: str) -> Callable:
-            def hook(module, inputs, output):
-                if name not in captured:  # a copy: the pass goes on, and may work in place after the cut
-                    captured[name] = tree_map(_snapshot, output)
+        def capture(cut: _Cut) -> Callable:
+            def hook(module, args, output=None):
+                if cut not in captured:  # a copy: the pass goes on, and may work in place after the cut
+                    captured[cut] = tree_map(_snapshot, args[0] if cut.at_input else output)
                 if self.stop and len(captured) == len(self.targets):
                     raise _CutReached
             return hook
 
-        handles = [module.register_forward_hook(capture(name)) for name, module in self.targets.items()]
+        handles = [_cut_hook(module, cut.at_input, capture(cut)) for cut, module in self.targets.items()]
         outputs = None
         try:
             outputs = self.model(x)
@@ -336,30 +426,34 @@ class _HookTrunk(nn.Module):
         finally:
             for handle in handles:
                 handle.remove()
-        missing = [name for name in self.targets if name not in captured]
+        missing = [cut.name for cut in self.targets if cut not in captured]
         if missing:
             raise RuntimeError(f"the target layer {missing[0]!r} was not called by the model's forward pass")
         held = (x,) if self.hold_input else ()
-        return outputs, tuple(TrunkOutput(captured[name], held) for name in self.targets)
+        return outputs, tuple(TrunkOutput(captured[cut], held) for cut in self.targets)
 
 
 class _HookHead(nn.Module):
-    """Reruns the whole model on the (repeated) input, replacing the target's first output."""
+    """Reruns the whole model on the (repeated) input, replacing the target's first output (with
+    ``at_input``: the first argument of its first call)."""
 
-    def __init__(self, model: nn.Module, target: nn.Module):
+    def __init__(self, model: nn.Module, target: nn.Module, at_input: bool):
         super().__init__()
-        self.model, self.target = model, target
+        self.model, self.target, self.at_input = model, target, at_input
 
-    def forward(self, activation: Tensor, x: Tensor) -> Any:
-        (x,) = expand_held((x,), activation.shape[0])
+    def forward(self, activation: Any, x: Tensor) -> Any:
+        (x,) = expand_held((x,), _rows(activation))
         calls = []
 
-        def replace(module, inputs, output):
+        def replace(module, args, output=None):
             calls.append(None)
+            if len(calls) > 1:
+                return None  # later calls keep their own values
             # clone: the layers after the cut may work in place
-            return activation.clone() if len(calls) == 1 else output
+            value = tree_map(_snapshot, activation)
+            return (value, *args[1:]) if self.at_input else value
 
-        handle = self.target.register_forward_hook(replace)
+        handle = _cut_hook(self.target, self.at_input, replace)
         try:
             return self.model(x)
         finally:
@@ -389,12 +483,12 @@ class ModelCuts:
             outputs = self.splits[0].head(trunks[0].activation, *trunks[0].held)
         layers = tuple(LayerActivation(split.layer_name, trunk.activation, trunk.held, split.head)
                        for split, trunk in zip(self.splits, trunks))
-        return Prepared(x, outputs, layers, time.perf_counter() - start)
+        return Prepared(x, outputs, layers, time.perf_counter() - start, torch.is_grad_enabled())
 
 
 def cut_model(
     model: nn.Module,
-    target_layers: Sequence[Union[nn.Module, str]],
+    target_layers: Sequence[Union[nn.Module, str, LayerInput]],
     head: Optional[Union[nn.Module, Callable[..., Tensor]]] = None,
 ) -> ModelCuts:
     """Cut ``model`` at each of ``target_layers``, with one trunk pass for all of them.
@@ -403,8 +497,10 @@ def cut_model(
     it in eval mode first (a warning is emitted otherwise).
 
     Args:
-        model: the network; its forward takes one input batch.
-        target_layers: submodules of ``model`` or their qualified names (``"layer4"``, ``"features.29"``).
+        model: the network; its forward (or its ``__call__``, when it defines that instead) takes
+            one input batch. A ``torch.compile``d model is cut in the module it wraps.
+        target_layers: submodules of ``model`` or their qualified names (``"layer4"``, ``"features.29"``),
+            cut at their output; or :class:`LayerInput` of one, cut at its input.
         head: optional callable mapping the (first) target activation to the output. When given,
             the trunk only captures the target outputs (``held == ()``) and this head is used as is.
 
@@ -419,9 +515,10 @@ def cut_model(
     Raises:
         ValueError: a layer name is unknown, a module is not part of ``model``, or it is the model itself.
     """
-    pairs = [_resolve_layer(model, layer) for layer in target_layers]
-    names = [name for name, _ in pairs]
-    resolved = dict(pairs)  # the distinct layers, in order
+    model, target_layers = _uncompiled(model, target_layers)
+    pairs = [_resolve_cut(model, layer) for layer in target_layers]
+    cuts = [cut for cut, _ in pairs]
+    resolved = dict(pairs)  # the distinct cuts, in order
     if model.training:
         warnings.warn(
             "split_model: the model is in training mode; call model.eval() first, or batch norm and "
@@ -430,17 +527,17 @@ def cut_model(
         )
     if head is not None:
         trunk = _HookTrunk(model, resolved, stop=True, hold_input=False)
-        return ModelCuts([SplitModel(_LayerTrunk(trunk, list(resolved).index(name)), head, name, None)
-                          for name in names], trunk)
+        return ModelCuts([SplitModel(_LayerTrunk(trunk, list(resolved).index(cut)), head, cut.name, None)
+                          for cut in cuts], trunk)
     try:
-        nested = [a for a in resolved for b in resolved if b.startswith(a + ".")]
+        nested = [a.name for a in resolved for b in resolved if b.name.startswith(a.name + ".")]
         if nested:
             raise _NotTraceable(f"the target layer {nested[0]!r} holds another target layer")
         splits, trunk = _fx_cuts(model, list(resolved))
-        by_name = {split.layer_name: split for split in splits}
-        return ModelCuts([by_name[name] for name in names], _Reordered(trunk, list(resolved), names))
+        by_cut = dict(zip(resolved, splits))
+        return ModelCuts([by_cut[cut] for cut in cuts], _Reordered(trunk, list(resolved), cuts))
     except _NotTraceable as reason:
-        where = ", ".join(map(repr, resolved))
+        where = ", ".join(repr(cut.name) for cut in resolved)
         warnings.warn(
             f"split_model: torch.fx could not trace {type(model).__name__} at {where} ({reason}); "
             "using the slower hook path, whose head reruns the whole model on every call",
@@ -448,16 +545,17 @@ def cut_model(
         )
     trunk = _HookTrunk(model, resolved, stop=False, hold_input=True)
     order = list(resolved)
-    return ModelCuts([SplitModel(_LayerTrunk(trunk, order.index(name)), _HookHead(model, resolved[name]), name, None)
-                      for name in names], _Reordered(trunk, order, names))
+    return ModelCuts([SplitModel(_LayerTrunk(trunk, order.index(cut)), _HookHead(model, resolved[cut], cut.at_input),
+                                 cut.name, None)
+                      for cut in cuts], _Reordered(trunk, order, cuts))
 
 
 class _Reordered(nn.Module):
-    """A trunk over distinct layers, answering for the target layers as given (repeats included)."""
+    """A trunk over distinct cuts, answering for the target layers as given (repeats included)."""
 
-    def __init__(self, trunk: Callable, distinct: list[str], names: list[str]):
+    def __init__(self, trunk: Callable, distinct: list[_Cut], cuts: list[_Cut]):
         super().__init__()
-        self.trunk, self.index = trunk, [distinct.index(name) for name in names]
+        self.trunk, self.index = trunk, [distinct.index(cut) for cut in cuts]
 
     def forward(self, x: Tensor) -> tuple[Any, tuple[TrunkOutput, ...]]:
         outputs, trunks = self.trunk(x)
@@ -466,7 +564,7 @@ class _Reordered(nn.Module):
 
 def split_model(
     model: nn.Module,
-    target_layer: Union[nn.Module, str],
+    target_layer: Union[nn.Module, str, LayerInput],
     head: Optional[Union[nn.Module, Callable[..., Tensor]]] = None,
 ) -> SplitModel:
     """Cut ``model`` at ``target_layer`` (see :func:`cut_model`): then

@@ -111,17 +111,22 @@ class LogitScale:
         self.top_probability: list[torch.Tensor] = []
 
     def _record(self, module, inputs, output):
-        h = inputs[0].detach().double()
-        weight = module.weight.detach().double().abs()
-        bias = None if module.bias is None else module.bias.detach().double().abs()
+        # Magnitudes in float32 at least, not float64: converting a large classifier's weight to
+        # float64 would dominate a short run. A sum of L non-negative terms is within gamma_L of
+        # exact whatever the order, so scaling by 1 + gamma_L keeps the terms an upper bound.
+        dtype = torch.promote_types(module.weight.dtype, torch.float32)
+        h = inputs[0].detach().to(dtype).abs()
+        weight = module.weight.detach().to(dtype).abs()
+        bias = None if module.bias is None else module.bias.detach().to(dtype).abs()
         if isinstance(module, nn.Linear):
-            terms = (h.abs() @ weight.T + (0 if bias is None else bias)).flatten(0, -2)
-            logits = output.detach().double().flatten(0, -2)
+            terms = (h @ weight.T + (0 if bias is None else bias)).flatten(0, -2)
+            logits = output.detach().flatten(0, -2)
         else:  # a convolution: the same magnitudes, with |W| and |b| convolved over |h|
-            terms = module._conv_forward(h.abs(), weight, bias).transpose(1, -1).flatten(0, -2)
-            logits = output.detach().double().transpose(1, -1).flatten(0, -2)
-        self.terms.append(terms.amax(-1).cpu())
-        self.top_probability.append(logits.softmax(-1).amax(-1).cpu())
+            terms = module._conv_forward(h, weight, bias).transpose(1, -1).flatten(0, -2)
+            logits = output.detach().transpose(1, -1).flatten(0, -2)
+        length = weight[0].numel() + 1
+        self.terms.append(terms.amax(-1).double().cpu() * (1 + gamma(length, dtype)))
+        self.top_probability.append(logits.double().softmax(-1).amax(-1).cpu())
 
     def __enter__(self) -> "LogitScale":
         self._handle = self.linear.register_forward_hook(self._record)

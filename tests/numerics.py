@@ -23,6 +23,7 @@ import math
 from typing import Iterable, Union
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from shapcam_ext.head import split_model
@@ -182,3 +183,66 @@ def rescaled_error(input_error: float, maps: torch.Tensor, implementations: int 
     cams = maps.double().clamp_min(0).flatten(1)
     spread = float((cams.amax(1) - cams.amin(1)).min())
     return 4 * input_error / (spread + 1e-7) + implementations * postprocess_rounding()
+
+
+# ---- gradients of maps ------------------------------------------------------------------------
+
+
+def pooled_softmax_map_gradient_error(activation: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                                      perms: torch.Tensor, classes: torch.Tensor, cotangent: torch.Tensor,
+                                      dtype: torch.dtype) -> torch.Tensor:
+    """A bound, (B, C, h, w), on how far one implementation computing in ``dtype`` is from the
+    exact gradient of L = sum(cotangent * phi) with respect to the activation (B, C, h, w), for a
+    head that averages the n positions (baseline 0) and applies a Linear (weight (M, C), bias
+    (M,)), the worth the softmax probability of ``classes`` (B,), and phi (B, n) the mean of the
+    marginals along ``perms`` (K, n); cotangent: (B, n).
+
+    The exact gradient: the worth v_kt of prefix t of permutation k (coalition S_kt) has the
+    cotangent a_kt = (w[p_k,t-1] [t >= 1] - w[p_kt] [t < n]) / K, dv/dz = s = p_c (e_c - p), and
+    dL/dA[:, q] = sum over (k, t) with q in S_kt of a_kt W^T s_kt / n. Every implementation (the
+    walk, the reference's masked maps) sums these K (n+1) M terms per entry, in its own order.
+
+    One term's error: the logits are within e = gamma_{2n+C+2} Z of exact, Z = max_j (|b_j| +
+    sum_q |W_j| |A_q| / n) (a walk's running sums: n roundings after each change's dot product of
+    C + 2; the reference's pool and dot product: n + C + 1), which moves every p_j by a factor
+    within exp(+-2e); with the softmax's own rounding |p^ - p| <= r p, r = e^{2e} (1 +
+    softmax_rounding) - 1 (as walk_error). Then |s^_j - s_j| <= r (1 + r) sigma_j, sigma_j = p_c
+    (|e_cj - p_j| + p_j) >= |s_j|. The sums and products on the way (the softmax's backward and the
+    Linear's, over M classes each; a walk's cumulative sums over n steps and its scatter over K
+    permutations, or the reference's sum over K (n+1) masked maps; a few products and
+    conversions) are at most N = 2M + K (n+1) + n + K + 10 roundings. So |g^ - g| <= ((1 + r (1 +
+    r)) (1 + gamma_N) - 1) times the sum of the terms' bounds |a_kt| sigma_kt |W| / n.
+    """
+    a_map = activation.double().cpu().flatten(2).transpose(1, 2)  # (B, n, C)
+    w, b = weight.double().cpu(), bias.double().cpu()
+    perms, classes, cot = perms.cpu(), classes.cpu(), cotangent.double().cpu()
+    (k, n), m, c = perms.shape, w.shape[0], w.shape[1]
+    keep = (permutation_ranks(perms)[:, None, :] < torch.arange(n + 1)[None, :, None]).double()  # (K, n+1, n)
+    logits = torch.einsum("ktq,bqc->bktc", keep, a_map) / n @ w.T + b
+    p = logits.softmax(-1)
+    onehot = F.one_hot(classes, m).double().view(-1, 1, 1, m)
+    sigma = (p * onehot).sum(-1, keepdim=True) * ((onehot - p).abs() + p)
+    entering = cot[:, perms]  # (B, K, n): the cotangent of the position each step adds
+    zero = torch.zeros(*entering.shape[:2], 1, dtype=torch.float64)
+    a = (torch.cat([zero, entering], -1) - torch.cat([entering, zero], -1)).abs() / k  # (B, K, n+1)
+    terms = torch.einsum("bkt,bktm,mc,ktq->bcq", a, sigma, w.abs(), keep) / n
+    z = (a_map.abs().sum(1) / n @ w.abs().T + b.abs()).amax(-1)  # (B,)
+    e = gamma(2 * n + c + 2, dtype) * z
+    r = (torch.exp(2 * e) * (1 + softmax_rounding(m, dtype)) - 1).view(-1, 1, 1)
+    relative = (1 + r * (1 + r)) * (1 + gamma(2 * m + k * (n + 1) + n + k + 10, dtype)) - 1
+    return (relative * terms).view(activation.shape)
+
+
+def reordered_gradient_error(per_output: torch.Tensor, cotangents: torch.Tensor, roundings: int,
+                             dtype: torch.dtype) -> torch.Tensor:
+    """A bound on the difference of two implementations of the gradient sum_i c_i do_i/dtheta that
+    run the same arithmetic with the roundings in other orders (an eager and a compiled training
+    step): per_output (I, ...) the gradients of the I outputs o_i, cotangents (I,) the c_i, and
+    ``roundings`` the longest chain of roundings from the parameters to the loss.
+
+    Modelled, as LogitScale.value_errors: each rounding reaches the gradient at most at the scale
+    of sum_i |c_i| |do_i/dtheta| (the same terms with their signs dropped), so each implementation
+    is within gamma_roundings of it, and two within twice that.
+    """
+    magnitude = (cotangents.double().abs().view(-1, *[1] * (per_output.dim() - 1)) * per_output.double().abs()).sum(0)
+    return 2 * gamma(roundings, dtype) * magnitude

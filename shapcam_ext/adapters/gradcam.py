@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from pytorch_grad_cam.base_cam import BaseCAM
 
-from shapcam_ext.cam import ShapCAM
+from shapcam_ext.cam import ShapCAM, refuse_eigen_smooth
 from shapcam_ext.head import Prepared
 
 
@@ -18,7 +18,11 @@ class ShapCAMBase(BaseCAM):
     ``get_cam_image`` (its extension point) is overridden. Extra keyword arguments are
     ShapCAM's sampling settings (n_permutations, seed, ...). As in pytorch-grad-cam,
     ``targets=None`` scores the top class's logit here; pass ClassifierOutputSoftmaxTarget
-    for the paper's Y^c.
+    for the paper's Y^c. ``eigen_smooth=True`` raises ValueError, as in ShapCAM;
+    ``aug_smooth=True`` is BaseCAM's (maps of augmented inputs, averaged).
+
+    Wrappers that drive BaseCAM's internals (pytorch-grad-cam's FinerCAM) need this class as
+    their ``base_method``; those that only call it (SESS, RefineCAM) also take ShapCAM.
     """
 
     def __init__(self, model: torch.nn.Module, target_layers: List[torch.nn.Module],
@@ -28,6 +32,7 @@ class ShapCAMBase(BaseCAM):
         self._prepared: Optional[Prepared] = None
 
     def get_cam_image(self, input_tensor, target_layer, targets, activations, grads, eigen_smooth=False) -> np.ndarray:
+        refuse_eigen_smooth(eigen_smooth)
         layer = next(i for i, t in enumerate(self.target_layers) if t is target_layer)
         # BaseCAM asks once per layer for the same input: the engine's forward pass serves them all
         if self._prepared is None or self._prepared.input is not input_tensor:

@@ -10,6 +10,7 @@
 * :mod:`.token_attention` (with :mod:`.token_pattern`): ViT heads cut at a block's norm1 that read
   the tokens through a class token's attention: each step swaps one token's key and value.
 * :mod:`.selfcheck`: a fast path runs only after agreeing with the head on probe coalitions.
+* :mod:`.differentiable`: the differentiable sums a map's autograd graph is built from.
 
 A new path is one Evaluator subclass and one line in :func:`evaluator_for`.
 """

@@ -5,7 +5,7 @@ import torch
 
 from shapcam_ext import ops
 from shapcam_ext.game import Game, fresh_rows
-from shapcam_ext.memory import cost_per_unit
+from shapcam_ext.memory import cost_per_unit, recomputed
 from shapcam_ext.paths.protocol import Evaluator
 
 
@@ -15,6 +15,11 @@ class GenericPath(Evaluator):
     Whole permutations of several images go together when they fit; otherwise fewer images, then
     fewer permutations, then a range of prefix lengths per chunk. A round's prefix worths,
     (B, K, n+1) in float64, are what its size is planned by.
+
+    Differentiable (the head runs under autograd): each chunk is recomputed in the backward, so
+    the graph keeps only the chunk's inputs (the players, the baseline and the held values, which
+    the game holds anyway, and the permutations: its masked maps are rebuilt from them) and the
+    worths; the backward holds one chunk's head activations and their gradients at a time.
     """
 
     path = "generic"
@@ -52,9 +57,17 @@ class GenericPath(Evaluator):
                 k1 = min(k, k0 + per_chunk)
                 for t0 in range(0, n + 1, prefixes):
                     t1 = min(n + 1, t0 + prefixes)
-                    masked = ops.masked_prefixes(g.players[sub], g.baseline_of(sub), perms, (k0, k1), (t0, t1))
-                    values[sub, k0:k1, t0:t1] = g.worth(masked, sub).view(images, k1 - k0, t1 - t0)
+                    worths = recomputed(self._worths, sub, perms, (k0, k1), (t0, t1))
+                    values[sub, k0:k1, t0:t1] = worths.view(images, k1 - k0, t1 - t0)
         return values
+
+    def graph_values(self, perms: torch.Tensor) -> torch.Tensor:
+        return self.values(perms)  # recomputed chunk by chunk: a round's head activations may not fit
+
+    def _worths(self, sub: slice, perms: torch.Tensor, perm_range: tuple[int, int],
+                prefix_range: tuple[int, int]) -> torch.Tensor:
+        g = self.game
+        return g.worth(ops.masked_prefixes(g.players[sub], g.baseline_of(sub), perms, perm_range, prefix_range), sub)
 
 
 __all__ = ["GenericPath"]

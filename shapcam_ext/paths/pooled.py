@@ -15,6 +15,7 @@ pooled Linear and the target is a class score, ``ops.linear_walk_`` walks the lo
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Optional
 
 import torch
@@ -22,7 +23,9 @@ import torch.nn.functional as F
 
 from shapcam_ext import ops
 from shapcam_ext.game import Game
+from shapcam_ext.memory import cost_per_unit
 from shapcam_ext.ops import permutation_ranks
+from shapcam_ext.paths import differentiable
 from shapcam_ext.paths.pattern import HeadPattern
 from shapcam_ext.paths.running import RunningWalk, TableSteps, tail_bytes_per_row
 from shapcam_ext.statistics import RunningEstimate
@@ -33,6 +36,9 @@ class LinearWalk(RunningWalk):
     """Pooled head ending in its Linear, class targets: ``ops.linear_walk_`` walks the logits.
 
     ``values`` (the running sums in Python) serves the checks; the run accumulates with the op.
+    A differentiable map walks twice per round: the in-place walk for the standard errors and the
+    stop checks, and the differentiable walk (:mod:`.differentiable`), a function of ``start`` and
+    ``table``, which are functions of the activation, the baseline, the body and the Linear.
     With logit targets the game is additive: each position adds its own row of the table to the
     logits whatever the coalition, so that row is its Shapley value, in one pass
     (:meth:`exact_values`, path "additive"); the self-check still walks it against the head.
@@ -46,9 +52,16 @@ class LinearWalk(RunningWalk):
                          TableSteps(table, _identity_rows), None, ops.linear_walk_bytes(b, 1, n, m))
         self.table = table
         self.classes = torch.tensor([t.category for t in classes], device=start.device)
+        if game.planner.differentiable:  # the differentiable walk runs beside the in-place one
+            orders = torch.arange(n, device=start.device).expand(2, n)
+            with torch.no_grad():
+                walked = cost_per_unit(lambda k: partial(self._sums, orders[:k]))[1]
+            self.bytes_per_permutation = max(self.bytes_per_permutation, walked)
 
     def accumulate(self, perms: torch.Tensor, estimate: RunningEstimate) -> None:
-        ops.linear_walk_(self.start, self.table, perms, self.classes, self.softmax, estimate.total,
+        if estimate.differentiable:
+            estimate.add_sums(self._sums(perms))
+        ops.linear_walk_(self.start.detach(), self.table.detach(), perms, self.classes, self.softmax, estimate.total,
                          estimate.total_sq, estimate.unit_size)
 
     def exact_values(self) -> Optional[torch.Tensor]:
@@ -56,6 +69,9 @@ class LinearWalk(RunningWalk):
             return None
         n = self.table.shape[1]
         return self.table.gather(2, self.classes.view(-1, 1, 1).expand(-1, n, 1)).squeeze(2).double()
+
+    def _sums(self, perms: torch.Tensor) -> torch.Tensor:
+        return differentiable.linear_walk(self.start, self.table, perms, self.classes, self.softmax, torch.float64)
 
 
 def _identity_rows(perms: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,11 @@ estimate (``accumulate``), in rounds whose size the memory planner sets; one who
 the Shapley values in closed form also returns them (``exact_values``), and nothing is sampled. The generic path, the
 pooled walks, the incremental walks and any new path are subclasses; the engine only ever talks
 to this interface, and :func:`shapcam_ext.paths.evaluator_for` is the one place that picks one.
+
+For a differentiable map the same rounds run under autograd, and ``accumulate`` also adds the
+sums of the marginals with their graph (:mod:`.differentiable`): from the round's worths
+(:meth:`Evaluator.graph_values`, recomputed in the backward), or for a compiled walk from the
+walk's differentiable variant.
 """
 from __future__ import annotations
 
@@ -16,6 +21,8 @@ import torch
 
 from shapcam_ext import ops
 from shapcam_ext.game import Game
+from shapcam_ext.memory import recomputed
+from shapcam_ext.paths import differentiable
 from shapcam_ext.statistics import RunningEstimate
 
 
@@ -50,9 +57,22 @@ class Evaluator(abc.ABC):
     def values(self, perms: torch.Tensor) -> torch.Tensor:
         """(B, K, n+1) worth of every prefix of the (K, n) permutations ``perms``."""
 
+    def graph_values(self, perms: torch.Tensor) -> torch.Tensor:
+        """:meth:`values` for a differentiable map: the backward recomputes the round rather than
+        keeping what it computed in between (the planner sized the round for that). Paths whose
+        chunks are smaller than a round recompute chunk by chunk instead."""
+        return recomputed(self.values, perms)
+
     def accumulate(self, perms: torch.Tensor, estimate: RunningEstimate) -> None:
-        """Adds the marginal contributions along ``perms`` (whole units) to ``estimate``."""
-        ops.scatter_marginals_(self.values(perms), perms, estimate.total, estimate.total_sq, estimate.unit_size)
+        """Adds the marginal contributions along ``perms`` (whole units) to ``estimate``, and for a
+        differentiable estimate their sums with their graph (which keeps the worths and ranks)."""
+        if estimate.differentiable:
+            values = self.graph_values(perms)
+            estimate.add_sums(differentiable.scatter_marginals(values, ops.permutation_ranks(perms), torch.float64))
+            values = values.detach()
+        else:
+            values = self.values(perms)
+        ops.scatter_marginals_(values, perms, estimate.total, estimate.total_sq, estimate.unit_size)
 
     def exact_values(self) -> Optional[torch.Tensor]:
         """(B, n) the Shapley values in closed form, for a game whose structure gives them in one

@@ -87,8 +87,15 @@ class RecomputeWalk(Evaluator):
         step = sum(self._channels(u, node) * r.index.shape[1] * (3 if r.kind == PRE else 1)
                    for node, reads in self.reads.items() for u, r in reads.items() if r.index is not None)
         step += sum(v.channels * _box_size(v)[0] * _box_size(v)[1] for v in map(plan.values.get, self.order))
-        per_row = (state + step) * element + tail_row_bytes + start[0].numel() * element
-        super().__init__(game, b * per_row + b * (h * w + 1) * 8)
+        per_step = step * element + tail_row_bytes + start[0].numel() * element
+        if game.planner.differentiable:
+            # The backward recomputes the round and keeps every step's values until it runs back
+            # through them: the boxes, the tail, and the kept maps a convolution reads whole (a
+            # step then writes a new one rather than into the one kept).
+            whole = sum(_padded_numel(plan.values[u]) for reads in self.reads.values() for u, r in reads.items()
+                        if r.kind == STATE and r.index is None)
+            per_step = h * w * (per_step + whole * element)
+        super().__init__(game, b * (state * element + per_step) + b * (h * w + 1) * 8)
 
     def _channels(self, source: fx.Node, node: fx.Node) -> int:
         """Channels of an input that ``node`` reads on a box (a held map has ``node``'s size)."""
@@ -205,7 +212,11 @@ class _Step:
             return
         state = self.states[node]
         flat = _flat_index(index[self.positions], state, per_row=True)
-        state.view(-1, state.shape[-1]).index_copy_(0, flat, rows.view(-1, rows.shape[-1]))
+        target, source = state.view(-1, state.shape[-1]), rows.view(-1, rows.shape[-1])
+        if torch.is_grad_enabled():  # a convolution may have kept this map for its backward: write a new one
+            self.states[node] = target.index_copy(0, flat, source).view_as(state)
+        else:
+            target.index_copy_(0, flat, source)
 
     def _read(self, source: fx.Node, read: _Read) -> Any:
         if read.kind == FRESH:

@@ -38,8 +38,11 @@ class RunningWalk(Evaluator):
         b, k, steps, d = running.shape
         running = running.to(torch.promote_types(running.dtype, torch.float32))
         running[:, :, 0] = self.start.reshape(b, 1, d)
-        for t in range(1, steps):  # in place, step by step: cumsum along a middle dimension is several times slower
-            running[:, :, t] += running[:, :, t - 1]
+        if torch.is_grad_enabled():  # autograd through n in-place slice additions would copy the sums n times
+            running = running.cumsum(2)
+        else:
+            for t in range(1, steps):  # in place, step by step: cumsum along a middle dimension is several times slower
+                running[:, :, t] += running[:, :, t - 1]
         # one batch for every prefix: a row's worth must not depend on the batch it is scored in
         inputs = running.to(self.start.dtype).reshape((-1,) + tuple(self.start.shape[1:]))
         out = inputs if self.tail is None else self.tail(inputs)

@@ -28,6 +28,7 @@ def probe_permutation(h: int, w: int, device: torch.device) -> tuple[torch.Tenso
     return torch.cat([cells[black], cells[~black]])[None], int(black.sum())
 
 
+@torch.no_grad()  # a check, never part of a differentiable map's graph
 def disagreement(evaluator: Evaluator, game: Game, head: fx.GraphModule) -> Optional[str]:
     """None when ``evaluator`` agrees with ``head`` on the probe coalitions; else what differs."""
     h, w = game.players.shape[-2:]
