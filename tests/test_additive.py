@@ -11,6 +11,7 @@ from exact import exact_shapley
 from shapcam_ext import ShapCAM
 from shapcam_ext.paths.pooled import LinearWalk
 from shapcam_ext.targets import ClassifierOutputTarget, ClassTarget
+from test_differentiable import inputs, tiny
 from test_fastpath import calibrated, tiny_pooled
 
 
@@ -72,3 +73,19 @@ def test_softmax_targets_are_not_additive():
     model = tiny_pooled(nn.Identity())
     result = ShapCAM(model, [model[1]], n_permutations=4).explain(torch.randn(1, 3, 2, 3))[0]
     assert result.path == "pooled-linear" and result.n_permutations == 4
+
+
+def test_the_closed_form_is_differentiable():
+    """A differentiable map (create_graph=True) of an additive game: the table's rows, a function of
+    the input through the trunk and the head (gradcheck in float64)."""
+    model = tiny("pooled-linear")
+    cam = ShapCAM(model, [model[1]])
+    targets = [ClassifierOutputTarget(1), ClassifierOutputTarget(2)]
+
+    def maps(x):
+        return torch.stack([r.shapley for r in cam.explain(x, targets, create_graph=True)])
+
+    x = inputs().requires_grad_()
+    result = cam.explain(x, targets, create_graph=True)
+    assert {r.path for r in result} == {"additive"} and all(r.shapley.grad_fn is not None for r in result)
+    assert torch.autograd.gradcheck(maps, (x,), fast_mode=True)

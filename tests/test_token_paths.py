@@ -185,3 +185,18 @@ def test_the_walk_leaves_the_model_and_its_activations_untouched():
     now = [prepared.layers[0].activation, *(h for h in prepared.layers[0].held if isinstance(h, torch.Tensor))]
     assert all(torch.equal(a, b) for a, b in zip(kept, now))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_the_walk_is_differentiable():
+    """create_graph=True: the walk's map is a differentiable function of the input (gradcheck in
+    float64 at fixed permutations)."""
+    model = tiny_vit(2, 2).double()
+    cam = ShapCAM(model, [LAYER], grid(2, 2), n_permutations=4, seed=1)
+
+    def maps(x):
+        return torch.stack([r.shapley for r in cam.explain(x, [ClassTarget(1)], create_graph=True)])
+
+    torch.manual_seed(4)
+    x = torch.randn(1, 3, 4, 4, dtype=torch.float64, requires_grad=True)
+    assert cam.explain(x, [ClassTarget(1)], create_graph=True)[0].path == PATH
+    assert torch.autograd.gradcheck(maps, (x,), fast_mode=True)
