@@ -46,6 +46,13 @@ class Proof:
     reason: str
     head: Optional[fx.GraphModule]
 
+    @property
+    def walks_cheaply(self) -> bool:
+        """Whether a permutation of the proven walk costs a small part of the generic path's (the
+        pooled and class-token walks), so that building and checking it is quick; an incremental
+        walk recomputes boxes of the head at every step, and may cost nearly as much."""
+        return self.pattern is not None and getattr(self.pattern, "local", None) is None
+
 
 def proof_of(split: SplitModel, fast_path: bool = True) -> Proof:
     """The proof for the head of ``split`` (none is attempted when ``fast_path`` is False): a pooled
