@@ -293,6 +293,7 @@ class _GenericPath:
         g = self.group
         b, n, k = g.batch, g.n, perms.shape[0]
         values = torch.empty(b, k, n + 1, dtype=torch.float64, device=g.device)
+        ranks = ops.permutation_ranks(perms)
         per_group = max(1, min(b, self.rows // (n + 1)))
         for i0 in range(0, b, per_group):
             sub = slice(i0, min(b, i0 + per_group))
@@ -304,9 +305,9 @@ class _GenericPath:
                 k1 = min(k, k0 + per_chunk)
                 for t0 in range(0, n + 1, prefixes):
                     t1 = min(n + 1, t0 + prefixes)
-                    masked = ops.masked_prefixes(g.players[sub], base, perms, (k0, k1), (t0, t1))
+                    masked = ops.masked_prefixes(g.players[sub], base, ranks, (k0, k1), (t0, t1))
                     values[sub, k0:k1, t0:t1] = g.worth(masked, sub).view(images, k1 - k0, t1 - t0)
-        ops.scatter_marginals_(values, perms, estimate.total, estimate.total_sq, estimate.unit_size)
+        ops.scatter_marginals_(values, ranks, estimate.total, estimate.total_sq, estimate.unit_size)
 
 
 class _StopSchedule:

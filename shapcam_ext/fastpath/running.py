@@ -41,7 +41,8 @@ class Walk:
         return self.planner.units(self.per_permutation * unit, what=f"one unit of the {self.path} walk") * unit
 
     def __call__(self, perms: torch.Tensor, estimate: RunningEstimate) -> None:
-        ops.scatter_marginals_(self.values(perms), perms, estimate.total, estimate.total_sq, estimate.unit_size)
+        ops.scatter_marginals_(self.values(perms), ops.permutation_ranks(perms), estimate.total, estimate.total_sq,
+                               estimate.unit_size)
 
     def values(self, perms: torch.Tensor) -> torch.Tensor:
         """(B, K, n+1) worth of every prefix of ``perms``, like the generic path's ``values``."""
