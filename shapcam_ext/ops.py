@@ -578,3 +578,11 @@ if COMPILED:
         return (*(g if wanted else None for g, wanted in zip(grads, mask)), None, None, None, None)
 
     torch.library.register_autograd("shapcam::linear_walk", _linear_walk_backward, setup_context=_linear_walk_setup)
+
+    def _linear_walk_second_derivative(ctx, *grads):
+        # Without this, autograd would warn and return no gradient: wrong, silently.
+        raise RuntimeError("linear_walk has no second derivative (linear_walk_backward is not differentiable): "
+                           "differentiate the map once, or run the reference backend (SHAPCAM_BACKEND=reference)")
+
+    torch.library.register_autograd("shapcam::linear_walk_backward", _linear_walk_second_derivative,
+                                    setup_context=lambda ctx, inputs, output: None)
