@@ -143,6 +143,16 @@ def walk_cases(draw) -> WalkCase:
     )
 
 
+def over_walk_cases(test):
+    """``test(device, dtype, acc, case)`` with the compiled ops, on every device, input dtype and
+    accumulator dtype, over hypothesis' walk_cases."""
+    test = FEW(given(case=walk_cases())(test))
+    for mark in (pytest.mark.parametrize("acc", ACC_DTYPES), pytest.mark.parametrize("dtype", FLOAT_DTYPES),
+                 pytest.mark.parametrize("device", DEVICES), needs_compiled):
+        test = mark(test)
+    return test
+
+
 def scatter_inputs(case: WalkCase, dtype, acc, device):
     """The arguments of scatter_marginals_: values, ranks, phi, phi_sq, unit_size."""
     gen = torch.Generator().manual_seed(case.seed)
@@ -234,12 +244,7 @@ def test_permutation_ranks_inverts(device, k, n, seed):
     assert torch.equal(ranks.gather(1, perms), torch.arange(n, device=device).expand(k, n))
 
 
-@needs_compiled
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
-@pytest.mark.parametrize("acc", ACC_DTYPES)
-@FEW
-@given(case=walk_cases())
+@over_walk_cases
 def test_scatter_marginals_matches_reference(device, dtype, acc, case):
     got = run(scatter_inputs(case, dtype, acc, device), torch.ops.shapcam.scatter_marginals_)
     expected = run(scatter_inputs(case, dtype, acc, "cpu"), reference.scatter_marginals_)
@@ -253,12 +258,7 @@ def walk_against_reference_bounds(case: WalkCase, dtype, acc):
     return [2 * b for b in walk_bound(case, dtype, acc)]
 
 
-@needs_compiled
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
-@pytest.mark.parametrize("acc", ACC_DTYPES)
-@FEW
-@given(case=walk_cases())
+@over_walk_cases
 def test_linear_walk_matches_reference(device, dtype, acc, case):
     got = run(walk_inputs(case, dtype, acc, device), torch.ops.shapcam.linear_walk_)
     expected = run(walk_inputs(case, dtype, acc, "cpu"), reference.linear_walk_)
@@ -266,12 +266,7 @@ def test_linear_walk_matches_reference(device, dtype, acc, case):
     assert_accumulators_within(got, expected, bounds, "linear_walk_ against its reference")
 
 
-@needs_compiled
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
-@pytest.mark.parametrize("acc", ACC_DTYPES)
-@FEW
-@given(case=walk_cases())
+@over_walk_cases
 def test_out_of_place_ops_match_reference(device, dtype, acc, case):
     """scatter_marginals and linear_walk: the sums of their in-place variants onto zeros."""
     values, ranks, phi, *_ = scatter_inputs(case, dtype, acc, "cpu")
@@ -385,12 +380,7 @@ def test_masked_prefixes_gradient_matches_reference(device, dtype, case):
         numerics.assert_within(g, e, bound, f"masked_prefixes' gradient of {name} against the reference's")
 
 
-@needs_compiled
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
-@pytest.mark.parametrize("acc", ACC_DTYPES)
-@FEW
-@given(case=walk_cases())
+@over_walk_cases
 def test_scatter_marginals_gradient_matches_reference(device, dtype, acc, case):
     values, ranks, *_ = scatter_inputs(case, dtype, acc, device)
     values = values.detach().requires_grad_()
@@ -427,12 +417,7 @@ def gradient_through_reference(grad, start, deltas, perms, classes, softmax):
                                           perms.cpu(), classes.cpu(), softmax, (True, True))
 
 
-@needs_compiled
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
-@pytest.mark.parametrize("acc", ACC_DTYPES)
-@FEW
-@given(case=walk_cases())
+@over_walk_cases
 def test_linear_walk_gradient_matches_reference(device, dtype, acc, case):
     """autograd through the compiled linear_walk (its registered formula, the backward kernel)
     against autograd through the reference in float64, each within numerics.walk_gradient."""

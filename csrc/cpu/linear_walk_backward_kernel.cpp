@@ -9,6 +9,7 @@
 #include <tuple>
 #include <vector>
 
+#include "../entry_points.h"
 #include "cpu_helpers.h"
 #include "linear_walk_common.h"
 
@@ -85,10 +86,7 @@ std::tuple<at::Tensor, at::Tensor> linear_walk_backward_cpu(
   const int64_t batch = deltas.size(0), n = deltas.size(1), num_classes = deltas.size(2);
   const int64_t num_perms = perms.size(0);
   check_classes_in_range_cpu(classes, num_classes);
-  at::Tensor grad_start = at::zeros({output_mask[0] ? batch : 0, num_classes},
-                                    start_logits.options());
-  at::Tensor grad_deltas = at::zeros({output_mask[1] ? batch : 0, n, num_classes},
-                                     deltas.options());
+  auto [grad_start, grad_deltas] = walk_gradients(start_logits, deltas, output_mask);
   if (!(output_mask[0] || output_mask[1]) || batch * num_classes == 0) {
     return {grad_start, grad_deltas};
   }

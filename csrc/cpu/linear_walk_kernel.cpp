@@ -1,10 +1,10 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <vector>
 
+#include "../entry_points.h"
 #include "cpu_helpers.h"
 #include "linear_walk_common.h"
 
@@ -71,18 +71,14 @@ void walk_into(const at::Tensor& start_logits, const at::Tensor& deltas, const a
 at::Tensor linear_walk_cpu(const at::Tensor& start_logits, const at::Tensor& deltas,
                            const at::Tensor& perms, const at::Tensor& classes, bool softmax,
                            std::optional<at::ScalarType> dtype) {
-  check_linear_walk_args(start_logits, deltas, perms, classes);
-  at::Tensor phi = at::zeros({deltas.size(0), deltas.size(1)},
-                             deltas.options().dtype(sum_dtype(dtype, deltas.scalar_type())));
-  walk_into(start_logits, deltas, perms, classes, softmax, phi, at::Tensor(), 1);
-  return phi;
+  return linear_walk_with(walk_into, start_logits, deltas, perms, classes, softmax, dtype);
 }
 
 void linear_walk_inplace_cpu(const at::Tensor& start_logits, const at::Tensor& deltas,
                              const at::Tensor& perms, const at::Tensor& classes, bool softmax,
                              at::Tensor& phi, at::Tensor& phi_sq, int64_t unit_size) {
-  check_linear_walk_inplace_args(start_logits, deltas, perms, classes, phi, phi_sq, unit_size);
-  walk_into(start_logits, deltas, perms, classes, softmax, phi, phi_sq, unit_size);
+  linear_walk_inplace_with(walk_into, start_logits, deltas, perms, classes, softmax, phi, phi_sq,
+                           unit_size);
 }
 
 }  // namespace

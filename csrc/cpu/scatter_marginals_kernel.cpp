@@ -1,7 +1,7 @@
 #include <ATen/Dispatch.h>
-#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include "../entry_points.h"
 #include "cpu_helpers.h"
 
 namespace shapcam {
@@ -45,24 +45,12 @@ void scatter_into(const at::Tensor& values, const at::Tensor& ranks, at::Tensor&
 
 at::Tensor scatter_marginals_cpu(const at::Tensor& values, const at::Tensor& ranks,
                                  std::optional<at::ScalarType> dtype) {
-  check_scatter_marginals_args(values, ranks);
-  const bool batched = values.dim() == 3;
-  std::vector<int64_t> shape(values.sizes().begin(), values.sizes().end() - 2);
-  shape.push_back(values.size(-1) - 1);
-  at::Tensor phi =
-      at::zeros(shape, values.options().dtype(sum_dtype(dtype, values.scalar_type())));
-  at::Tensor sum = batched ? phi : phi.unsqueeze(0);
-  scatter_into(batched ? values : values.unsqueeze(0), ranks, sum, at::Tensor(), 1);
-  return phi;
+  return scatter_marginals_with(scatter_into, values, ranks, dtype);
 }
 
 void scatter_marginals_inplace_cpu(const at::Tensor& values, const at::Tensor& ranks,
                                    at::Tensor& phi, at::Tensor& phi_sq, int64_t unit_size) {
-  check_scatter_marginals_inplace_args(values, ranks, phi, phi_sq, unit_size);
-  const bool batched = values.dim() == 3;
-  at::Tensor sum = batched ? phi : phi.unsqueeze(0);
-  scatter_into(batched ? values : values.unsqueeze(0), ranks, sum,
-               batched ? phi_sq : phi_sq.unsqueeze(0), unit_size);
+  scatter_marginals_inplace_with(scatter_into, values, ranks, phi, phi_sq, unit_size);
 }
 
 }  // namespace

@@ -2,6 +2,7 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include "../entry_points.h"
 #include "linear_walk_common.cuh"
 
 namespace shapcam {
@@ -12,6 +13,7 @@ namespace {
 void walk_into(const at::Tensor& start_logits, const at::Tensor& deltas, const at::Tensor& perms,
                const at::Tensor& classes, bool softmax, at::Tensor& phi, const at::Tensor& phi_sq,
                int64_t unit_size) {
+  const c10::cuda::CUDAGuard guard(start_logits.device());
   const int64_t batch = deltas.size(0), n = deltas.size(1), num_perms = perms.size(0);
   if (batch == 0) return;
   at::Tensor marginals = at::zeros({batch, num_perms, n}, phi.options());
@@ -27,20 +29,14 @@ void walk_into(const at::Tensor& start_logits, const at::Tensor& deltas, const a
 at::Tensor linear_walk_cuda(const at::Tensor& start_logits, const at::Tensor& deltas,
                             const at::Tensor& perms, const at::Tensor& classes, bool softmax,
                             std::optional<at::ScalarType> dtype) {
-  check_linear_walk_args(start_logits, deltas, perms, classes);
-  const c10::cuda::CUDAGuard guard(start_logits.device());
-  at::Tensor phi = at::zeros({deltas.size(0), deltas.size(1)},
-                             deltas.options().dtype(sum_dtype(dtype, deltas.scalar_type())));
-  walk_into(start_logits, deltas, perms, classes, softmax, phi, at::Tensor(), 1);
-  return phi;
+  return linear_walk_with(walk_into, start_logits, deltas, perms, classes, softmax, dtype);
 }
 
 void linear_walk_inplace_cuda(const at::Tensor& start_logits, const at::Tensor& deltas,
                               const at::Tensor& perms, const at::Tensor& classes, bool softmax,
                               at::Tensor& phi, at::Tensor& phi_sq, int64_t unit_size) {
-  check_linear_walk_inplace_args(start_logits, deltas, perms, classes, phi, phi_sq, unit_size);
-  const c10::cuda::CUDAGuard guard(start_logits.device());
-  walk_into(start_logits, deltas, perms, classes, softmax, phi, phi_sq, unit_size);
+  linear_walk_inplace_with(walk_into, start_logits, deltas, perms, classes, softmax, phi, phi_sq,
+                           unit_size);
 }
 
 }  // namespace
