@@ -271,6 +271,8 @@ def masked_prefixes(
         ValueError / RuntimeError naming the argument for wrong ranks, dtypes, devices, ranges
         that are not (start, end) pairs and out-of-range bounds.
     """
+    _check_defined(activations, "activations")
+    _check_defined(ranks, "ranks")
     if baseline is None:
         baseline = activations.new_zeros(())
     n = activations.shape[-1] * activations.shape[-2]

@@ -804,6 +804,8 @@ BAD_CALLS = {
     "masked: ranks dtype": ("ranks", masked_call(ranks=torch.tensor([[0, 1, 2, 3]], dtype=torch.int32))),
     "masked: ranks shape": ("ranks", masked_call(ranks=torch.arange(5).view(1, 5))),
     "masked: ranks 1-D": ("ranks", masked_call(ranks=torch.arange(4))),
+    "masked: ranks None": ("ranks", masked_call(ranks=None)),
+    "masked: activations None": ("activations", masked_call(activations=None)),
     "masked: perm_range past K": ("perm_range", masked_call(perm_range=(0, 4))),
     "masked: perm_range empty": ("perm_range", masked_call(perm_range=(2, 2))),
     "masked: perm_range negative": ("perm_range", masked_call(perm_range=(-1, 2))),
