@@ -37,7 +37,7 @@ import torch
 from bench_scenarios import ROOT, fmt, lite0, permutations, print_table, pytorch_loop, timed
 
 from shapcam_ext import ShapCAM, backend_info  # noqa: E402  (bench_scenarios puts the checkout first)
-from shapcam_ext.fastpath import incremental, prove  # noqa: E402
+from shapcam_ext.paths import incremental, prove  # noqa: E402
 from shapcam_ext.head import split_model  # noqa: E402
 from shapcam_ext.targets import ClassifierOutputSoftmaxTarget  # noqa: E402
 

@@ -37,7 +37,8 @@ from torch import nn  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from shapcam_ext import ShapCAM, backend_info, fastpath  # noqa: E402
+from shapcam_ext import ShapCAM, backend_info, paths  # noqa: E402
+from shapcam_ext.game import Game  # noqa: E402
 from shapcam_ext.cli.images import bundled_photos, load_image  # noqa: E402
 from shapcam_ext.cli.models import load_model  # noqa: E402
 from shapcam_ext.cli.preprocessing import preprocess  # noqa: E402
@@ -267,11 +268,12 @@ def scenario_1(device: str, quick: bool) -> dict:
     }
     print_table(f"Where the fast path's time goes at K = {stages['k']} ({device}, {backend_info()['backend']} ops)",
                 ["stage", "time"], [
-                    ["trunk (the model up to bn2)", fmt(stages["trunk"])],
-                    ["head on the activation (the model's output)", fmt(stages["head"])],
-                    ["prepare: front on 2 maps, deltas, probe (3 head rows)", fmt(stages["prepare"])],
+                    ["prepare(): the model's one forward pass", fmt(stages["trunk"])],
+                    ["head on the activation, for scale", fmt(stages["head"])],
+                    ["path: front on 2 maps, deltas, self-check (1 permutation, 3 head rows)", fmt(stages["prepare"])],
                     [f"walk: {stages['path']}, {stages['k']} permutations", fmt(stages["walk"])],
-                    ["whole explain() (also the 2 head rows of the end values)", fmt(stages["explain"])],
+                    ["estimate(): the ends (2 head rows), path, probe, walk", fmt(stages["estimate"])],
+                    ["whole explain()", fmt(stages["explain"])],
                     ["model forward, for scale", fmt(forward_seconds)],
                     ["GradCAM, for scale", fmt(gradcam_seconds)]])
     for name, ok in targets.items():
@@ -283,29 +285,30 @@ def scenario_1(device: str, quick: bool) -> dict:
 
 
 def fast_stages(model, layer: str, x, targets, k: int, device: str, repeats: int = 5) -> dict:
-    """The fast path's stages run one by one as the engine runs them: medians of ``repeats``."""
+    """The engine's stages run one by one as it runs them: medians of ``repeats``."""
     cam = ShapCAM(model, [layer], n_permutations=k, seed=1)
-    engine = cam.engines[0]
+    engine = cam.engine
     cfg = engine.config
     with torch.no_grad():
-        trunk_s, out = timed(lambda: engine.split.trunk(x), device, repeats)
-        grid = PlayerGrid(out.activation)
-        head_s, _ = timed(lambda: engine.split.head(out.activation, *out.held), device, repeats)
-        base = grid.baseline(cfg.baseline)
-        # as the engine's _ImageGroup.run calls it
-        prepare_s, walk = timed(lambda: fastpath.prepare(
-            engine.fast_pattern, engine.split.head, grid, grid.players, out.held, targets, base,
-            MemoryPlanner(cfg.memory_budget, cfg.batch_size), Scorer(), k), device, repeats)
-        n = grid.players.shape[-1] * grid.players.shape[-2]
-        perms = permutations(n, k, 1).to(x.device)
+        prepare_s, prepared = timed(lambda: cam.prepare(x), device, repeats)
+        cut = prepared.layers[0]
+        grid = PlayerGrid(cut.activation)
+        head_s, _ = timed(lambda: cut.head(cut.activation, *cut.held), device, repeats)
+        game = Game(layer=layer, head=cut.head, grid=grid, players=grid.players, baseline=grid.baseline(cfg.baseline),
+                    held=cut.held, batched=(True,) * len(cut.held), targets=tuple(targets), images=slice(0, 1),
+                    scorer=Scorer(), planner=MemoryPlanner(cfg.memory_budget, cfg.batch_size), permutations=k)
+        # as the engine's run calls it: the walk's tables and its self-check
+        path_s, walk = timed(lambda: paths.evaluator_for(game, engine.proofs[0]), device, repeats)
+        perms = permutations(game.n, k, 1).to(x.device)
 
         def walk_all():
-            walk(perms, RunningEstimate(1, n, 1, x.device))  # timing only: any unit size dividing K
+            walk.accumulate(perms, RunningEstimate(1, game.n, 1, x.device))  # timing only: any unit size dividing K
 
         walk_s, _ = timed(walk_all, device, repeats)
+        estimate_s, _ = timed(lambda: cam.estimate(prepared, targets), device, repeats)
         total_s, _ = timed(lambda: cam.explain(x, targets), device, repeats)
-    return {"k": k, "path": walk.path, "trunk": trunk_s, "head": head_s, "prepare": prepare_s, "walk": walk_s,
-            "explain": total_s}
+    return {"k": k, "path": walk.path, "trunk": prepare_s, "head": head_s, "prepare": path_s, "walk": walk_s,
+            "estimate": estimate_s, "explain": total_s}
 
 
 def growth(seconds: list[float], sizes: list[int]) -> list[str]:

@@ -18,13 +18,24 @@ same protocol at CPU scale on a real dataset that ships offline, scikit-learn's 
   from {100, 300, 1000} by test error with Grad-CAM maps, 3 seeds; there is no validation split), plus
   optionally L_KD = T^2 KL(teacher || student at temperature T = 4), mixed as
   (1 - alpha) CE + alpha L_KD with alpha = 0.9;
-* the student's map must be differentiable w.r.t. its parameters: it is the student's CAM of the
-  true class, ReLU(sum_k w_ck A_k) from its classifier weights w and last activation A. For a
-  global-average-pooled linear head this is the student's Grad-CAM map up to the positive factor
+* the student's map must be differentiable w.r.t. its parameters. For the Shap-CAM row it is the
+  student's own Shap-CAM map, as the paper trains: ``ShapCAM.explain(..., create_graph=True)`` on
+  the student's last activation, the softmax probability of the true class, the same K as the
+  teacher's maps (one seed per student, so its permutations are fixed within a run), ReLU and
+  upsampled like the teacher's. The other rows use the student's CAM of the true class,
+  ReLU(sum_k w_ck A_k) from its classifier weights w and last activation A: for a
+  global-average-pooled linear head it is the student's Grad-CAM map up to the positive factor
   1/Z (d logit_c / d A_kij = w_ck / Z), so after the min-shift and normalisation they coincide.
+  It equals Shap-CAM only for a logit target, so the row that pairs the teacher's Shap-CAM maps
+  with it, the stand-in this experiment used before differentiable maps, is kept under its own
+  name.
 
-    python experiments/distillation.py            # 5 seeds x 10 student settings (10 min wall, 2.3 min CPU, on a shared 2-core machine)
-    python experiments/distillation.py --quick    # 1 seed, fewer epochs (about 1.5 min)
+Every row trains the same students (seed s gives every row the same initial student and batches),
+and the summary compares each row with cross-entropy alone and the Shap-CAM row with its stand-in,
+paired by seed.
+
+    python experiments/distillation.py            # 10 seeds x 12 student settings (about 10 min wall on a shared 2-core machine)
+    python experiments/distillation.py --quick    # 1 seed, fewer epochs (about 20 s)
 """
 from __future__ import annotations
 
@@ -42,7 +53,20 @@ from common import RESULTS, environment, markdown_table, save_json
 from shapcam_ext import ClassifierOutputSoftmaxTarget, ShapCAM
 
 MAP_METHODS = ("Grad-CAM", "Grad-CAM++", "Score-CAM", "Shap-CAM")
-LOSSES = ("cross-entropy",) + MAP_METHODS
+CAM, SHAPCAM = "CAM", "Shap-CAM"
+# each row: (its label, the teacher's maps, the student's map)
+ROWS = {
+    "cross-entropy": ("L_cross_ent", None, None),
+    "Grad-CAM": ("L_exp_student (Grad-CAM)", "Grad-CAM", CAM),
+    "Grad-CAM++": ("L_exp_student (Grad-CAM++)", "Grad-CAM++", CAM),
+    "Score-CAM": ("L_exp_student (Score-CAM)", "Score-CAM", CAM),
+    "Shap-CAM": ("L_exp_student (Shap-CAM)", "Shap-CAM", SHAPCAM),
+    "Shap-CAM, student CAM": ("L_exp_student (Shap-CAM teacher, student CAM stand-in)", "Shap-CAM", CAM),
+}
+# the paired differences the summary reports: each row against cross-entropy alone, and the
+# student's Shap-CAM map against its CAM stand-in
+COMPARISONS = [(row, "cross-entropy") for row in ROWS if row != "cross-entropy"] + [
+    ("Shap-CAM", "Shap-CAM, student CAM")]
 
 
 # ----------------------------------------------------------------------------------- models
@@ -121,18 +145,33 @@ def unit_map(maps: torch.Tensor) -> torch.Tensor:
     return F.normalize(flat, dim=1)
 
 
+def upsampled(maps: torch.Tensor, size) -> torch.Tensor:
+    """(B, h, w) maps, ReLU and bilinearly resized to the input (as the teacher's), differentiably."""
+    return F.interpolate(F.relu(maps)[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+
+
 def student_cam(model: WideResNet, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits, the true class's CAM upsampled to the input), both differentiable."""
     a = model.features(x)
     logits = model.fc(a.mean((2, 3)))
-    cam = F.relu(torch.einsum("bkhw,bk->bhw", a, model.fc.weight[y]))
-    cam = F.interpolate(cam[:, None], size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
-    return logits, cam
+    return logits, upsampled(torch.einsum("bkhw,bk->bhw", a, model.fc.weight[y]), x.shape[-2:])
+
+
+def student_shapcam(cam: ShapCAM):
+    """The student's own Shap-CAM map of the true class (softmax target), differentiable: (logits
+    in training mode, the map upsampled to the input). ``cam`` explains the student's ``act``."""
+    def maps(model: WideResNet, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        results = cam.explain(x, [ClassifierOutputSoftmaxTarget(int(c)) for c in y], create_graph=True)
+        shapley = torch.stack([r.feature_map for r in results]).to(x.dtype)
+        return model(x), upsampled(shapley, x.shape[-2:])
+
+    return maps
 
 
 def train(model, x, y, *, epochs, lr, batch, seed, teacher_logits=None, teacher_maps=None, beta=300.0,
-          alpha=0.9, temperature=4.0, desc="train"):
-    """SGD with momentum, cosine schedule; optional KD and interpretability losses."""
+          alpha=0.9, temperature=4.0, student_map=student_cam, desc="train"):
+    """SGD with momentum, cosine schedule; optional KD and interpretability losses. ``student_map``:
+    (model, x, y) -> (logits, the student's map of y), both differentiable."""
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
     steps = epochs * ((len(y) + batch - 1) // batch)
@@ -142,7 +181,7 @@ def train(model, x, y, *, epochs, lr, batch, seed, teacher_logits=None, teacher_
         order = torch.randperm(len(y), generator=g)
         for i in range(0, len(y), batch):
             idx = order[i:i + batch]
-            logits, cam = student_cam(model, x[idx], y[idx])
+            logits, cam = student_map(model, x[idx], y[idx])
             ce = F.cross_entropy(logits, y[idx])
             loss = ce
             if teacher_logits is not None:
@@ -191,7 +230,7 @@ def teacher_maps(teacher, x, y, method: str, *, n_permutations: int, seed: int, 
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seeds", type=int, default=5, help="student seeds per setting")
+    p.add_argument("--seeds", type=int, default=10, help="student seeds per setting")
     p.add_argument("--teacher", default="16-1", help="teacher WRN depth-width")
     p.add_argument("--student", default="10-1", help="student WRN depth-width")
     p.add_argument("--size", type=int, default=8, help="input side (digits are 8 x 8; larger is upsampled)")
@@ -212,6 +251,20 @@ def parse_args():
     if args.quick:
         args.seeds, args.teacher_epochs, args.student_epochs = 1, 8, 20
     return args
+
+
+def paired(a: np.ndarray, b: np.ndarray) -> dict:
+    """The mean of a - b over seeds (each seed trains the same initial student on the same batches),
+    its standard error, and whether it is beyond the seed noise: a paired t-test at 5%, two-sided
+    (|mean| > t_{0.975, seeds - 1} standard errors)."""
+    from scipy.stats import t
+
+    d = a - b
+    if len(d) < 2:
+        return {"mean": float(d.mean()), "std_error": float("nan"), "beyond_noise": False}
+    se = float(d.std(ddof=1) / np.sqrt(len(d)))
+    beyond = abs(d.mean()) > t.ppf(0.975, len(d) - 1) * se
+    return {"mean": float(d.mean()), "std_error": se, "beyond_noise": bool(beyond)}
 
 
 def wrn(spec: str) -> WideResNet:
@@ -251,34 +304,46 @@ def main():
     similarity = {a: {b: float((unit[a] * unit[b]).sum(1).mean()) for b in MAP_METHODS} for a in MAP_METHODS}
 
     runs = []
-    settings = [(loss, kd) for kd in (False, True) for loss in LOSSES]
+    settings = [(row, kd) for kd in (False, True) for row in ROWS]
     bar = tqdm(total=len(settings) * args.seeds, desc="students")
-    for loss, kd in settings:
+    for row, kd in settings:
+        _, teacher_method, student_kind = ROWS[row]
         for seed in range(args.seeds):
             torch.manual_seed(100 + seed)  # same initial student for every setting of a seed
             student = wrn(args.student)
+            student_map = student_cam
+            if student_kind == SHAPCAM:
+                student_map = student_shapcam(ShapCAM(student, [student.act], n_permutations=args.n_permutations,
+                                                      seed=100 + seed))
             t0 = time.perf_counter()
             train(student, xtr_s, ytr_s, epochs=args.student_epochs, lr=args.lr, batch=args.batch, seed=100 + seed,
-                  teacher_logits=t_logits if kd else None, teacher_maps=None if loss == "cross-entropy" else maps[loss],
-                  beta=args.beta, alpha=args.alpha, temperature=args.temperature, desc=f"{loss} kd={kd}")
-            runs.append({"loss": loss, "kd": kd, "seed": seed, "test_error": error_rate(student, xte, yte),
+                  teacher_logits=t_logits if kd else None, teacher_maps=maps.get(teacher_method),
+                  beta=args.beta, alpha=args.alpha, temperature=args.temperature, student_map=student_map,
+                  desc=f"{row} kd={kd}")
+            runs.append({"loss": row, "kd": kd, "seed": seed, "test_error": error_rate(student, xte, yte),
                          "seconds": time.perf_counter() - t0})
             bar.update()
     bar.close()
 
-    def stats(loss, kd):
-        errors = [r["test_error"] for r in runs if r["loss"] == loss and r["kd"] == kd]
-        return float(np.mean(errors)), float(np.std(errors))
+    def errors(row, kd):
+        return np.array([r["test_error"] for r in sorted(runs, key=lambda r: r["seed"])
+                         if r["loss"] == row and r["kd"] == kd])
 
-    rows = []
-    for loss in LOSSES:
-        label = "L_cross_ent" if loss == "cross-entropy" else f"L_exp_student ({loss})"
-        cells = [stats(loss, kd) for kd in (False, True)]
-        rows.append([label] + [f"{m:.2f} ± {s:.2f}" for m, s in cells])
-    table = markdown_table(["loss", f"test error % w/o L_KD (mean ± std, {args.seeds} seeds)", "w/ L_KD"], rows)
+    def stats(row, kd):
+        e = errors(row, kd)
+        return float(e.mean()), float(e.std(ddof=1)) if len(e) > 1 else 0.0
+
+    table = markdown_table(
+        ["loss", f"test error % w/o L_KD (mean ± std, {args.seeds} seeds)", "w/ L_KD"],
+        [[ROWS[row][0]] + ["{:.2f} ± {:.2f}".format(*stats(row, kd)) for kd in (False, True)] for row in ROWS])
+    comparisons = [paired(errors(a, kd), errors(b, kd)) | {"row": a, "against": b, "kd": kd}
+                   for a, b in COMPARISONS for kd in (False, True)]
     print(f"\nstudent WRN-{args.student} ({n_params(wrn(args.student)) / 1e6:.3f} M params), "
           f"teacher WRN-{args.teacher} test error {teacher_error:.2f}%")
     print(table)
+    for c in comparisons:
+        print(f"{c['row']} - {c['against']} ({'w/' if c['kd'] else 'w/o'} KD): {c['mean']:+.2f} ± "
+              f"{c['std_error']:.2f} points ({'beyond' if c['beyond_noise'] else 'within'} the seed noise)")
     save_json(Path(args.out), {
         "experiment": "knowledge distillation from explanations (paper §4.3), sklearn digits",
         "settings": vars(args), "environment": environment(),
@@ -287,9 +352,12 @@ def main():
         "student": {"arch": f"WRN-{args.student}", "params": n_params(wrn(args.student))},
         "data": {"train": len(ytr), "student_train": len(ytr_s), "test": len(yte), "size": args.size},
         "teacher_map_seconds": map_seconds, "teacher_map_cosine_similarity": similarity,
+        "rows": {row: {"label": label, "teacher_maps": teacher, "student_map": student}
+                 for row, (label, teacher, student) in ROWS.items()},
         "table_markdown": table,
-        "summary": {f"{loss} {'w/' if kd else 'w/o'} KD": dict(zip(("mean", "std"), stats(loss, kd)))
-                    for loss, kd in settings},
+        "summary": {f"{row} {'w/' if kd else 'w/o'} KD": dict(zip(("mean", "std"), stats(row, kd)))
+                    for row, kd in settings},
+        "paired_differences": comparisons,
         "runs": runs, "wall_seconds": time.perf_counter() - started,
     })
     print(f"wrote {args.out} in {time.perf_counter() - started:.0f} s")

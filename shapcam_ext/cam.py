@@ -13,13 +13,14 @@ import numpy as np
 import torch
 
 from shapcam_ext.config import SamplingConfig
-from shapcam_ext.engine import ShapleyEngine, ShapleyResult
-from shapcam_ext.head import split_model
+from shapcam_ext.engine import ShapleyEngine
+from shapcam_ext.head import LayerInput, Prepared, cut_model
 from shapcam_ext.model_state import eval_semantics
 from shapcam_ext.postprocess import scale_cam_image
+from shapcam_ext.results import ShapleyResult
 from shapcam_ext.targets import Target
 
-Layer = Union[torch.nn.Module, str]
+Layer = Union[torch.nn.Module, str, LayerInput]
 
 
 class ShapCAM:
@@ -30,10 +31,19 @@ class ShapCAM:
     afterwards, so parameters and buffers stay bit-identical and a model in training mode gets
     the maps of its evaluation mode.
 
+    Differentiable maps: ``explain(x, targets, create_graph=True)`` (or ``prepare`` and
+    ``estimate`` with ``create_graph=True``) records autograd's graph, still in eval mode, and
+    returns results whose ``shapley`` and ``feature_map`` have a ``grad_fn``: for the permutations
+    drawn (fixed by the seed), the estimate is a differentiable function of the model's
+    parameters, the input and the baseline, so a loss on the map trains the model. The graph's
+    memory is bounded (see :mod:`shapcam_ext.engine`); gradients go wherever the caller's
+    ``backward`` sends them, never written by ShapCAM itself.
+
     Args:
         model: the network.
         target_layers: a list of modules (or qualified names) whose output positions are the
-            players; several layers' maps are averaged as pytorch-grad-cam does.
+            players (``shapcam_ext.head.LayerInput(module)``: its input's positions); several
+            layers' maps are averaged as pytorch-grad-cam does.
         reshape_transform: maps a non-4-D activation (e.g. ViT tokens) to (B, C, h, w); it must
             only rearrange elements (pytorch-grad-cam's ViT and Swin transforms do).
         config: the sampling settings (:class:`shapcam_ext.SamplingConfig`); default: its defaults.
@@ -66,36 +76,59 @@ class ShapCAM:
         self.reshape_transform = reshape_transform
         self.config = (config or SamplingConfig()).replace(**overrides)
         with eval_semantics(model):  # trace what evaluation runs, whatever the model's mode
-            splits = [split_model(model, layer, head) for layer in self.target_layers]
-        self.engines = [ShapleyEngine(model, split, self.config, reshape_transform, progress) for split in splits]
+            cuts = cut_model(model, self.target_layers, head)
+        self.engine = ShapleyEngine(model, cuts, self.config, reshape_transform, progress)
         self.outputs: Any = None
 
-    def explain(self, input_tensor: torch.Tensor, targets: Optional[Sequence[Target]] = None,
-                layer: int = 0) -> List[ShapleyResult]:
-        """Full results (signed map, standard errors, efficiency, timing) for one target layer.
+    def prepare(self, input_tensor: torch.Tensor, create_graph: bool = False) -> Prepared:
+        """Runs the model once on a batch and keeps what every explanation of it reads: the
+        model's output (``.outputs``, also kept as ``self.outputs``) and each target layer's
+        activation and held values (``.layers``). With ``create_graph``, the pass records its
+        autograd graph, which ``estimate(..., create_graph=True)`` needs.
+
+        Raises:
+            TypeError / ValueError: input the model cannot take, named with the fix.
+        """
+        prepared = self.engine.prepare(input_tensor, create_graph)
+        self.outputs = prepared.outputs
+        return prepared
+
+    def estimate(self, prepared: Prepared, targets: Optional[Sequence[Target]] = None,
+                 layer: int = 0, create_graph: bool = False) -> List[ShapleyResult]:
+        """Full results (signed map, standard errors, efficiency, timing) of a prepared batch for
+        one target layer; no model forward runs again.
 
         Args:
-            input_tensor: (B, ...) batch on the model's device.
+            prepared: what :meth:`prepare` returned for the batch.
             targets: one pytorch-grad-cam-style target per image (a callable on one image's
                 output), or None for each image's top class with its softmax probability.
             layer: index into ``target_layers``.
+            create_graph: return differentiable maps (``shapley`` and ``feature_map`` on the
+                model's device, with a ``grad_fn``); ``prepared`` must then come from
+                ``prepare(x, create_graph=True)``.
 
         Raises:
-            TypeError / ValueError: input or targets that do not fit the model, named.
-            shapcam_ext.engine.BatchError: some images failed (its ``results`` has the rest).
+            TypeError / ValueError: targets or a layer that do not fit, named; create_graph for a
+                batch prepared without its graph.
+            shapcam_ext.BatchError: some images failed (its ``results`` has the rest).
         """
-        results, self.outputs = self.engines[layer].explain(input_tensor, targets)
-        return results
+        return self.engine.estimate(prepared, targets, layer, create_graph)
+
+    def explain(self, input_tensor: torch.Tensor, targets: Optional[Sequence[Target]] = None,
+                layer: int = 0, create_graph: bool = False) -> List[ShapleyResult]:
+        """``estimate(prepare(input_tensor, create_graph), targets, layer, create_graph)``: one
+        forward pass, then the maps (differentiable ones with ``create_graph``)."""
+        return self.estimate(self.prepare(input_tensor, create_graph), targets, layer, create_graph)
 
     def forward(self, input_tensor: torch.Tensor, targets: Optional[Sequence[Target]] = None,
                 eigen_smooth: bool = False) -> np.ndarray:
-        """(B, H, W) float32 maps in [0, 1], combined over the target layers."""
-        if eigen_smooth:
-            raise ValueError("eigen_smooth projects channel-weighted activations; Shap-CAM has none. Drop it.")
+        """(B, H, W) float32 maps in [0, 1], combined over the target layers (one forward pass)."""
+        refuse_eigen_smooth(eigen_smooth)
         size = (input_tensor.shape[-1], input_tensor.shape[-2])
+        prepared = self.prepare(input_tensor)
         per_layer = []
-        for layer in range(len(self.engines)):
-            per_layer.append(np.stack([r.cam_image(size) for r in self.explain(input_tensor, targets, layer)]))
+        for layer in range(len(self.target_layers)):
+            per_layer.append(np.stack([r.cam_image(size) for r in self.estimate(prepared, targets, layer)]))
         combined = np.maximum(np.stack(per_layer, axis=1), 0).mean(axis=1)
         return scale_cam_image(torch.from_numpy(combined))
 
@@ -129,12 +162,46 @@ class ShapCAM:
             raise ValueError("aug_smooth is not supported by ShapCAM; average several calls yourself.")
         return self.forward(input_tensor, targets, eigen_smooth)
 
+    # What pytorch-grad-cam's wrappers read from their base method: SESS its .model, .device and
+    # .activations_and_grads.release(); FinerCAM these two flags, then BaseCAM's internals.
+    uses_gradients = False
+    compute_input_gradient = False
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model's parameters are (the CPU for a model without any)."""
+        param = next(self.model.parameters(), None)
+        return torch.device("cpu") if param is None else param.device
+
+    @property
+    def activations_and_grads(self) -> "_NoHooks":
+        return _NoHooks()
+
     def __enter__(self) -> "ShapCAM":
         return self
 
     def __exit__(self, exc_type, exc_value, traceback) -> None:
         # Nothing to release: no hooks stay registered between calls.
         return None
+
+
+def refuse_eigen_smooth(eigen_smooth: bool) -> None:
+    """pytorch-grad-cam's eigen_smooth has no Shapley counterpart: refused, never ignored."""
+    if eigen_smooth:
+        raise ValueError("eigen_smooth projects channel-weighted activations; Shap-CAM has none. Drop it.")
+
+
+class _NoHooks:
+    """Where pytorch-grad-cam's BaseCAM keeps its hooks (ActivationsAndGradients): ShapCAM keeps
+    none, so there is nothing to release, and a wrapper that drives BaseCAM's internals is told
+    which class has them."""
+
+    def release(self) -> None:
+        return None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> None:
+        raise TypeError("this pytorch-grad-cam wrapper drives BaseCAM's internals (its hooks, per-layer maps); "
+                        "pass base_method=shapcam_ext.adapters.gradcam.ShapCAMBase instead of ShapCAM")
 
 
 def _check_target_layers(target_layers: Any) -> list:
@@ -151,7 +218,7 @@ def _check_target_layers(target_layers: Any) -> list:
     if not layers:
         raise ValueError("target_layers is empty; pass at least one layer, e.g. [model.layer4]")
     for layer in layers:
-        if not isinstance(layer, (str, torch.nn.Module)):
+        if not isinstance(layer, (str, torch.nn.Module, LayerInput)):
             raise TypeError(f"each target layer must be a module of the model or its qualified name, got "
                             f"{type(layer).__name__} {layer!r}; e.g. [model.layer4] or ['layer4']")
     return layers

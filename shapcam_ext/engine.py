@@ -1,31 +1,45 @@
-"""The Shapley estimator: sampled permutations of feature-map positions, walked through the head.
+"""The Shapley estimator, in two phases: prepare a batch once, then estimate any layer's maps.
 
-One engine serves every public API (ShapCAM, the torchcam and Captum adapters, the CLI). For a
-batch it runs the trunk once; then, for each run of images, it streams permutations in rounds,
-evaluates the masked prefixes of each permutation with the head (or walks a proven fast path)
-and accumulates the marginal contributions with the compiled ops, on the model's device, until
-the permutations are spent or the tolerance is met.
+``prepare(x)`` runs the model once (a trunk shared by every target layer, see
+:mod:`shapcam_ext.head`) and keeps its output and each layer's activation and held values.
+``estimate(prepared, targets, layer)`` then plays the game of each run of good images at that
+layer (:class:`~shapcam_ext.game.Game`): it picks the evaluation path (:mod:`shapcam_ext.paths`),
+streams permutations in rounds (:mod:`shapcam_ext.sampling`), lets the path accumulate their
+marginal contributions on the model's device (:mod:`shapcam_ext.statistics`), and stops when the
+permutations are spent or the tolerance is met. Every public API (ShapCAM, the adapters, the CLI)
+goes through these two calls, so one forward pass serves every layer and method of a batch.
+
+With ``create_graph`` both phases record their autograd graph (the modules still in eval mode),
+and the maps come back as differentiable functions of the model's parameters, the input and the
+baseline, for the permutations drawn: a loss on them can be trained. What the graph keeps until
+the backward is bounded and counted by the memory planner (:mod:`shapcam_ext.memory`): the trunk's
+graph, the tensors the path holds (the activation, the baseline, the held values; a fast path's
+tables), and per permutation its order and the worths of its prefixes; every chunk of head
+evaluations (or round of a walk) is recomputed in the backward rather than kept. The self-check
+and the cost probe stay out of the graph.
 """
 from __future__ import annotations
 
 import logging
 import math
 import time
-from dataclasses import dataclass, field
-from typing import List, Optional, Sequence
+import warnings
+from contextlib import contextmanager
+from typing import Iterator, List, Optional, Sequence
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from shapcam_ext import fastpath, ops
 from shapcam_ext._backend import backend_info
 from shapcam_ext.config import SamplingConfig
-from shapcam_ext.head import SplitModel
-from shapcam_ext.memory import MemoryPlanner, cost_per_unit
+from shapcam_ext.game import Game
+from shapcam_ext.head import ModelCuts, Prepared
+from shapcam_ext.memory import MemoryPlanner, graph_bytes_per_permutation
 from shapcam_ext.model_state import eval_semantics
+from shapcam_ext.paths import Evaluator, Proof, evaluator_for, proof_of
 from shapcam_ext.players import PlayerGrid
-from shapcam_ext.postprocess import scale_cam_image
+from shapcam_ext.results import BatchError, ShapleyResult
 from shapcam_ext.sampling import ExhaustiveStream, PermutationStream
 from shapcam_ext.statistics import MIN_UNITS_TO_STOP, RunningEstimate
 from shapcam_ext.targets import Scorer, Target, resolve_targets
@@ -33,67 +47,17 @@ from shapcam_ext.targets import Scorer, Target, resolve_targets
 logger = logging.getLogger("shapcam_ext")
 
 LONG_RUN_SECONDS = 60.0  # runs projected to take longer announce their cost first
+# With a tolerance, a pilot of small Latin blocks (8 units of them, the fewest a stop check takes)
+# projects how many permutations the tolerance needs, which sizes the blocks of the run.
+PILOT_PERMUTATIONS = 64
+NON_FINITE_ACTIVATION = "the target layer's activation has NaN or Inf values; check the input and the model's weights"
+NON_FINITE_SCORE = ("the target's score is NaN or Inf for some coalitions (check the model's weights and the "
+                    "target); no map was made")
+NO_GRAPH = ("create_graph=True needs a batch prepared with its graph, or no gradient would reach the model before "
+            "the target layer; prepare it with prepare(x, create_graph=True)")
 
 
-@dataclass(repr=False)
-class ShapleyResult:
-    """Shap-CAM of one image at one target layer.
-
-    shapley: (H, W) signed Shapley value of each player (float64, CPU); sums to
-        value_full - value_empty up to ``efficiency_gap``. With group_size g, one value per
-        g x g cell of the feature map.
-    std_error: (H, W) standard error of each value over independent units (a Latin block or an
-        antithetic pair counts as one); zeros for exact enumeration; None when undefined (a single
-        unit).
-    value_full / value_empty: the target's score with every / no position kept.
-    path: how the coalitions were evaluated: "generic" (the head on masked maps), or an exact
-        fast path: "pooled-linear", "pooled", "local-pool-linear", or for heads that mix positions
-        locally before their pool, "incremental-table" or "incremental-recompute".
-    feature_map: (h, w) the values over the feature map's positions (a grouped player's value
-        on each of its positions), for display.
-    """
-
-    shapley: torch.Tensor
-    std_error: Optional[torch.Tensor]
-    value_full: float
-    value_empty: float
-    efficiency_gap: float
-    n_permutations: int
-    backend: str
-    seconds: float
-    layer: str
-    target: Target
-    feature_map: torch.Tensor = field(default=None)
-    path: str = "generic"
-
-    @property
-    def max_std_error(self) -> Optional[float]:
-        """The largest standard error, or None when it is undefined."""
-        return None if self.std_error is None else float(self.std_error.max())
-
-    def cam_image(self, size: Optional[tuple] = None) -> np.ndarray:
-        """The map as ShapCAM returns it: ReLU, min-max to [0, 1], resized to size = (width, height)."""
-        return scale_cam_image(self.feature_map[None].clamp_min(0), size)[0]
-
-    def __repr__(self) -> str:
-        h, w = self.shapley.shape
-        se = "undefined" if self.std_error is None else f"{self.max_std_error:.2g}"
-        return (f"ShapleyResult(layer={self.layer!r}, {h}x{w} players, path={self.path!r}, "
-                f"sum={self.value_full - self.value_empty:+.4g} (full {self.value_full:.4g}, empty "
-                f"{self.value_empty:.4g}), K={self.n_permutations}, max SE {se}, {self.seconds:.3g} s)")
-
-
-class BatchError(ValueError):
-    """Some images of a batch failed; ``results`` holds the others (None where failed)."""
-
-    def __init__(self, failures: dict, results: list):
-        lines = "; ".join(f"image {i}: {msg}" for i, msg in failures.items())
-        super().__init__(f"{len(failures)} of {len(results)} images failed ({lines})")
-        self.failures = failures
-        self.results = results
-
-
-def check_input(input_tensor: Any, model: torch.nn.Module) -> None:
+def check_input(input_tensor, model: torch.nn.Module) -> None:
     """Raises TypeError / ValueError (one line, naming the fix) for input the model cannot take."""
     if not isinstance(input_tensor, torch.Tensor):
         fix = "torch.from_numpy(x)" if isinstance(input_tensor, np.ndarray) else "torch.as_tensor(x)"
@@ -110,140 +74,172 @@ def check_input(input_tensor: Any, model: torch.nn.Module) -> None:
         )
 
 
-class ShapleyEngine:
-    """Estimates Shap-CAM maps for one split model (one target layer)."""
+@contextmanager
+def host_reads(device: torch.device) -> Iterator[None]:
+    """The documented points where the engine reads device values back to the host (the setup of
+    a batch, the stop checks, the results, the cost probe): allowed even when the caller runs under
+    ``torch.cuda.set_sync_debug_mode("error")``, which the sampling rounds never trip."""
+    if device.type != "cuda":
+        yield
+        return
+    mode = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode(0)
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(mode)
 
-    def __init__(self, model: torch.nn.Module, split: SplitModel, config: SamplingConfig,
+
+class ShapleyEngine:
+    """Estimates Shap-CAM maps of one model at its target layers (``cuts``)."""
+
+    def __init__(self, model: torch.nn.Module, cuts: ModelCuts, config: SamplingConfig,
                  reshape_transform=None, progress: bool = False):
         config.validate()
-        self.model = model
-        self.split = split
-        self.config = config
+        self.model, self.cuts, self.config = model, cuts, config
         self.reshape_transform = reshape_transform
         self.progress = progress
-        # The head's fast pattern, or None with the reason it is not proven.
         with eval_semantics(model):
-            self.fast_pattern, self.fast_reason = (
-                fastpath.prove(split) if config.fast_path else (None, "fast_path=False"))
+            self.proofs = [proof_of(split, config.fast_path) for split in cuts.splits]
 
-    def explain(self, input_tensor: torch.Tensor, targets: Optional[Sequence[Target]] = None) -> tuple:
-        """Shapley maps of a batch, under eval semantics (the model's modes are restored).
+    # Under torch.compile both phases run eagerly (one graph break each): they switch module modes,
+    # read the device back (stop checks, results) and time themselves, which would break a traced
+    # graph dozens of times and recompile it on every batch.
+    @torch.compiler.disable
+    def prepare(self, input_tensor: torch.Tensor, create_graph: bool = False) -> Prepared:
+        """Runs the model once on a batch, under eval semantics, for every target layer; with
+        ``create_graph``, under autograd, so that a map's gradients reach the trunk.
 
-        Returns (results, outputs): one ShapleyResult per image and the model's output.
+        Raises:
+            TypeError / ValueError: input the model cannot take, named with the fix.
+        """
+        check_input(input_tensor, self.model)
+        with eval_semantics(self.model, grad=create_graph):
+            return self.cuts.run(input_tensor)
+
+    @torch.compiler.disable
+    def estimate(self, prepared: Prepared, targets: Optional[Sequence[Target]] = None,
+                 layer: int = 0, create_graph: bool = False) -> List[ShapleyResult]:
+        """Shapley maps of a prepared batch at target layer ``layer`` (an index into the layers);
+        with ``create_graph``, differentiable ones (see the module's docstring).
 
         Raises:
             BatchError: some images failed (non-finite activations or worths); its ``results``
                 holds the others.
-            TypeError / ValueError: input, targets or settings that cannot work, named.
+            TypeError / ValueError: targets or a layer index that cannot work, named; create_graph
+                for a batch prepared without its graph.
         """
-        check_input(input_tensor, self.model)
+        if not isinstance(prepared, Prepared):
+            raise TypeError(f"prepared must come from prepare(x), got {type(prepared).__name__}")
+        if not 0 <= layer < len(self.proofs) or isinstance(layer, bool):
+            raise ValueError(f"layer must index the {len(self.proofs)} target layer(s), got {layer!r}")
+        if create_graph and not prepared.graph:
+            raise ValueError(NO_GRAPH)
         start = time.perf_counter()
-        with eval_semantics(self.model):
-            trunk = self.split.trunk(input_tensor)
-            batch = input_tensor.shape[0]
-            outputs = self.split.head(trunk.activation, *trunk.held)
-            targets = resolve_targets(targets, outputs, batch)
-            grid = PlayerGrid(trunk.activation, self.reshape_transform, self.config.group_size)
+        cut = prepared.layers[layer]
+        batch = prepared.input.shape[0]
+        with eval_semantics(self.model, grad=create_graph):
+            grid = PlayerGrid(cut.activation, self.reshape_transform, self.config.group_size)
+            with host_reads(grid.players.device):
+                targets = resolve_targets(targets, prepared.outputs, batch)
+                finite = torch.isfinite(grid.players.flatten(1)).all(1).tolist()
             baseline = grid.baseline(self.config.baseline)
-            finite = torch.isfinite(grid.players.flatten(1)).all(1).tolist()
-            failures = {
-                i: "the target layer's activation has NaN or Inf values; check the input and the model's weights"
-                for i, ok in enumerate(finite) if not ok
-            }
+            failures = {i: NON_FINITE_ACTIVATION for i, ok in enumerate(finite) if not ok}
             results: List[Optional[ShapleyResult]] = [None] * batch
             for images in _runs([i for i, ok in enumerate(finite) if ok]):
-                group = _ImageGroup(self, grid, trunk.held, batch, targets, baseline, images)
-                for i, outcome in zip(range(images.start, images.stop), group.run(start)):
+                game = self._game(grid, cut.held, cut.head, cut.name, batch, targets, baseline, images, create_graph)
+                run = _Run(self, game, self.proofs[layer], prepared.seconds + time.perf_counter() - start)
+                for i, outcome in zip(range(images.start, images.stop), run.results()):
                     if isinstance(outcome, str):
                         failures[i] = outcome
                     else:
                         results[i] = outcome
         if failures:
             raise BatchError(dict(sorted(failures.items())), results)
-        return results, outputs
+        return results
 
-
-class _ImageGroup:
-    """One run of images explained together: they share permutations and head chunks."""
-
-    def __init__(self, engine: ShapleyEngine, grid: PlayerGrid, held: tuple, batch: int,
-                 targets: List[Target], baseline: torch.Tensor, images: slice):
-        self.engine, self.grid, self.images = engine, grid, images
-        self.config = engine.config
-        self.players = grid.players[images]
+    def _game(self, grid: PlayerGrid, held: tuple, head, name: str, batch: int, targets: List[Target],
+              baseline: torch.Tensor, images: slice, create_graph: bool) -> Game:
         # Which held values are batched like the input (tensors of the head's batch); the rest
         # (None, flags, unbatched tensors) pass through unchanged.
-        self.batched = tuple(isinstance(h, torch.Tensor) and h.dim() > 0 and h.shape[0] == batch for h in held)
-        self.held = _select_images(held, self.batched, images)
-        self.targets = targets[images]
-        self.baseline = baseline[images] if baseline.dim() else baseline
-        self.batch = images.stop - images.start
-        self.n = self.players.shape[-1] * self.players.shape[-2]
-        self.device = self.players.device
-        self.scorer = Scorer()
-        self.planner = MemoryPlanner(self.config.memory_budget, self.config.batch_size)
-
-    def worth(self, masked: torch.Tensor, sub: slice) -> torch.Tensor:
-        """Scores (len(sub), rows per image) of masked player grids of images ``sub`` of this group."""
-        absolute = slice(self.images.start + sub.start, self.images.start + sub.stop)
-        images = sub.stop - sub.start
-        out = self.engine.split.head(self.grid.head_input(masked, absolute),
-                                     *_select_images(self.held, self.batched, sub))
-        return self.scorer(self.targets[sub], out, masked.shape[0] // images)
-
-    def run(self, start: float) -> list:
-        """A ShapleyResult, or the failure message, per image of the group."""
+        batched = tuple(isinstance(h, torch.Tensor) and h.dim() > 0 and h.shape[0] == batch for h in held)
         cfg = self.config
-        everyone = slice(0, self.batch)
-        base_map = self.baseline.expand_as(self.players)
-        ends = self.worth(torch.stack([base_map, self.players], 1).flatten(0, 1), everyone)  # (b, 2)
-        stream = (ExhaustiveStream(self.n, self.device) if cfg.exact
-                  else PermutationStream(self.n, cfg.antithetic, cfg.seed, self.device, cfg.design, cfg.permutations))
-        estimate = RunningEstimate(self.batch, self.n, stream.unit_size, self.device, stream.exhaustive)
-        unit = stream.unit_size
-        total = stream.total if stream.exhaustive else -(-cfg.permutations // unit) * unit
-        walk = None
-        if self.engine.fast_pattern is not None:
-            walk = fastpath.prepare(self.engine.fast_pattern, self.engine.split.head, self.grid, self.players,
-                                    self.held, self.targets, self.baseline, self.planner, self.scorer, total)
-        accumulate = walk if walk is not None else _GenericPath(self)
-        per_round = max(unit, accumulate.permutations_per_round(unit) // unit * unit)
-        schedule = _StopSchedule(cfg.tolerance, unit, total)
-        announcer = _CostAnnouncer(self, accumulate.coalitions_per_permutation)
-        if total > unit:
-            announcer.probe(accumulate, schedule.projected_total)
-        bar = tqdm(total=total, desc="permutations", unit="perm", disable=not self.engine.progress, leave=False)
-        with bar:
-            while estimate.permutations < total:
-                count = min(per_round, total - estimate.permutations, schedule.next_check - estimate.permutations)
-                perms = stream.take(count)
-                tick = time.perf_counter()
-                accumulate(perms, estimate)
-                estimate.permutations += count
-                bar.update(count)
-                seconds = time.perf_counter() - tick
-                if estimate.permutations >= schedule.next_check and schedule.stop(estimate):
-                    break
-                announcer.observe(count, seconds, schedule.projected_total)
-        return self._results(estimate, ends, walk, start)
+        n = grid.players.shape[-1] * grid.players.shape[-2]
+        walked = math.factorial(n) if cfg.exact else cfg.permutations
+        graph_bytes = walked * graph_bytes_per_permutation(images.stop - images.start, n) if create_graph else None
+        return Game(
+            layer=name, head=head, grid=grid, players=grid.players[images],
+            baseline=baseline[images] if baseline.dim() else baseline,
+            held=tuple(h[images] if b else h for h, b in zip(held, batched)), batched=batched,
+            targets=tuple(targets[images]), images=images, scorer=Scorer(),
+            planner=MemoryPlanner(cfg.memory_budget, cfg.batch_size, graph_bytes), permutations=cfg.permutations,
+        )
 
-    def _results(self, estimate: RunningEstimate, ends: torch.Tensor, walk, start: float) -> list:
+
+class _Run:
+    """The sampling run of one game: the ends, the path, the rounds, the stop checks, the results."""
+
+    def __init__(self, engine: ShapleyEngine, game: Game, proof: Proof, seconds_before: float):
+        self.engine, self.game, self.proof, self.config = engine, game, proof, engine.config
+        self.clock = time.perf_counter() - seconds_before
+
+    def results(self) -> list:
+        """A ShapleyResult, or the failure message, per image of the game."""
+        game, cfg = self.game, self.config
+        report = _CostReport(game)
+        with host_reads(game.device):  # the setup: the ends, the path and its check, the cost probe
+            tick = _synchronized_clock(game.device)
+            with torch.no_grad():  # reported as numbers
+                ends = game.worth(torch.stack([game.base_map(), game.players], 1).flatten(0, 1))  # (b, 2)
+            report.head_timed(_synchronized_clock(game.device) - tick, 2 * game.batch)
+            evaluator = evaluator_for(game, self.proof)
+            piloted = cfg.tolerance is not None and cfg.design == "latin" and not cfg.exact
+            sampler = _Sampler(game, evaluator, cfg, PILOT_PERMUTATIONS if piloted else cfg.permutations, cfg.seed)
+            if sampler.total > sampler.unit:
+                report.probe(evaluator, sampler.schedule.projected_total, sampler.per_round, sampler.total)
+        bar = tqdm(total=sampler.total, desc="permutations", unit="perm", disable=not self.engine.progress,
+                   leave=False)
+        with bar:
+            sampler.run(bar, report, first_check_only=piloted)
+            if piloted and not sampler.finished:
+                # The pilot's first check projected what the tolerance needs: Latin blocks sized for
+                # that many orders (several times fewer worth evaluations than small blocks) start a
+                # fresh, independent run, unless the pilot's blocks are already that size.
+                needed = sampler.schedule.projected_total
+                main = _Sampler(game, evaluator, cfg, needed, _derived_seed(cfg.seed))
+                if main.unit > sampler.unit:
+                    bar.reset(main.total)
+                    sampler = main
+                sampler.run(bar, report)
+        met = sampler.schedule.met()
+        estimate = sampler.estimate
+        if met is False:
+            warnings.warn(f"shapcam_ext: the tolerance {cfg.tolerance} was not met at {game.layer!r} within "
+                          f"{estimate.permutations} permutations (the cap); raise n_permutations, or accept the "
+                          "larger error its standard errors show", RuntimeWarning, stacklevel=5)
+        with host_reads(game.device):
+            return self._results(estimate, ends, evaluator, met)
+
+    def _results(self, estimate: RunningEstimate, ends: torch.Tensor, evaluator: Evaluator,
+                 met: Optional[bool]) -> list:
+        game = self.game
         mean = estimate.mean()
         se = estimate.std_error()
         finite = (torch.isfinite(mean).all(1) & torch.isfinite(estimate.total_sq).all(1)
                   & torch.isfinite(ends).all(1)).tolist()
         mean, ends = mean.cpu(), ends.double().cpu()
+        # a differentiable map stays on the model's device, where a loss on it runs
+        maps = estimate.differentiable_mean() if estimate.differentiable else mean
         se = None if se is None else se.cpu()
-        seconds = time.perf_counter() - start
-        h, w = self.players.shape[-2:]
+        seconds = time.perf_counter() - self.clock
+        h, w = game.players.shape[-2:]
         out: list = []
-        for i in range(self.batch):
+        for i in range(game.batch):
             if not finite[i]:
-                out.append("the target's score is NaN or Inf for some coalitions (check the model's weights and "
-                           "the target); no map was made")
+                out.append(NON_FINITE_SCORE)
                 continue
             empty, full = ends[i].tolist()
-            shapley = mean[i].view(h, w)
+            shapley = maps[i].view(h, w)
             out.append(ShapleyResult(
                 shapley=shapley,
                 std_error=None if se is None else se[i].view(h, w),
@@ -251,63 +247,57 @@ class _ImageGroup:
                 value_empty=empty,
                 efficiency_gap=abs(float(mean[i].sum()) - (full - empty)),
                 n_permutations=estimate.permutations,
+                units=estimate.units,
                 backend=backend_info()["backend"],
                 seconds=seconds,
-                layer=self.engine.split.layer_name,
-                target=self.targets[i],
-                feature_map=self.grid.to_map(shapley),
-                path="generic" if walk is None else walk.path,
+                layer=game.layer,
+                target=game.targets[i],
+                feature_map=game.grid.to_map(shapley),
+                path=evaluator.path,
+                tolerance_met=met,
             ))
         return out
 
 
-class _GenericPath:
-    """Runs the head on the masked prefixes of each permutation, in chunks under the budget.
+class _Sampler:
+    """One stream of permutations and its running estimate, sampled in rounds up to the cap.
 
-    Whole permutations of several images go together when they fit; otherwise fewer images, then
-    fewer permutations, then a range of prefix lengths per chunk.
+    ``block_permutations``: the run length the stream's Latin blocks are sized for (the cap, or a
+    tolerance's projected need); ``total``: the cap, in whole units.
     """
 
-    def __init__(self, group: _ImageGroup):
-        self.group = group
-        n, players = group.n, group.players
-        self.coalitions_per_permutation = group.batch * (n + 1)
+    def __init__(self, game: Game, evaluator: Evaluator, cfg: SamplingConfig, block_permutations: int,
+                 seed: Optional[int]):
+        self.game, self.evaluator = game, evaluator
+        self.stream = (ExhaustiveStream(game.n, game.device) if cfg.exact
+                       else PermutationStream(game.n, cfg.antithetic, seed, game.device, cfg.design,
+                                              min(block_permutations, cfg.permutations)))
+        self.unit = unit = self.stream.unit_size
+        self.total = self.stream.total if self.stream.exhaustive else -(-cfg.permutations // unit) * unit
+        self.estimate = RunningEstimate(game.batch, game.n, unit, game.device, self.stream.exhaustive,
+                                        game.planner.differentiable)
+        self.per_round = max(unit, evaluator.permutations_per_round(unit) // unit * unit)
+        self.schedule = _StopSchedule(cfg.tolerance, unit, self.total)
+        self.finished = False
 
-        def run(rows: int):
-            masked = players[:1].expand((rows,) + players.shape[1:]).contiguous()
-            return lambda: group.worth(masked, slice(0, 1))
-
-        if group.planner.batch_size is not None:
-            self.rows = group.planner.batch_size
-        else:
-            fixed, per_row = cost_per_unit(run)
-            self.rows = group.planner.head_rows(per_row + players[:1].numel() * players.element_size(), fixed)
-
-    def permutations_per_round(self, unit: int) -> int:
-        """A round's prefix values (B, K, n+1) in float64 and its permutations stay under the budget."""
-        g = self.group
-        per_permutation = (g.batch * (g.n + 1) + g.n) * 8
-        return g.planner.units(per_permutation * unit, what="the prefix values of one unit of permutations") * unit
-
-    def __call__(self, perms: torch.Tensor, estimate: RunningEstimate) -> None:
-        g = self.group
-        b, n, k = g.batch, g.n, perms.shape[0]
-        values = torch.empty(b, k, n + 1, dtype=torch.float64, device=g.device)
-        ranks = ops.permutation_ranks(perms)
-        per_group = max(1, min(b, self.rows // (n + 1)))
-        for i0 in range(0, b, per_group):
-            sub = slice(i0, min(b, i0 + per_group))
-            images = sub.stop - sub.start
-            base = g.baseline[sub] if g.baseline.dim() else g.baseline
-            prefixes = max(1, min(n + 1, self.rows // images))
-            per_chunk = max(1, self.rows // (images * (n + 1)))
-            for k0 in range(0, k, per_chunk):
-                k1 = min(k, k0 + per_chunk)
-                for t0 in range(0, n + 1, prefixes):
-                    t1 = min(n + 1, t0 + prefixes)
-                    masked = ops.masked_prefixes(g.players[sub], base, ranks, (k0, k1), (t0, t1))
-                    values[sub, k0:k1, t0:t1] = g.worth(masked, sub).view(images, k1 - k0, t1 - t0)
-        ops.scatter_marginals_(values, ranks, estimate.total, estimate.total_sq, estimate.unit_size)
+    def run(self, bar, report: "_CostReport", first_check_only: bool = False) -> None:
+        """Samples until the cap or a stop (``finished``), or (``first_check_only``) until the first
+        stop check. The rounds never read the device; only the stop checks do."""
+        estimate, schedule = self.estimate, self.schedule
+        while estimate.permutations < self.total:
+            count = min(self.per_round, self.total - estimate.permutations,
+                        schedule.next_check - estimate.permutations)
+            self.evaluator.accumulate(self.stream.take(count), estimate)
+            estimate.permutations += count
+            bar.update(count)
+            if estimate.permutations >= schedule.next_check:
+                with host_reads(self.game.device):
+                    if schedule.stop(estimate):
+                        break
+                report.projected(schedule.projected_total)
+                if first_check_only:
+                    return
+        self.finished = True
 
 
 class _StopSchedule:
@@ -323,6 +313,7 @@ class _StopSchedule:
         self.tolerance, self.unit, self.total = tolerance, unit, total
         self.next_check = total if tolerance is None else min(total, MIN_UNITS_TO_STOP * unit)
         self.projected_total: Optional[int] = total if tolerance is None else None
+        self.stopped = False
 
     def stop(self, estimate: RunningEstimate) -> bool:
         if self.tolerance is None:
@@ -330,6 +321,7 @@ class _StopSchedule:
         bound = estimate.relative_error_bound()
         # NaN: the run has already failed; finishing it would not help.
         if bool(((bound < self.tolerance) | bound.isnan()).all()):
+            self.stopped = True
             return True
         worst = float(bound.nan_to_num(nan=0.0).max())
         done = estimate.permutations
@@ -338,46 +330,92 @@ class _StopSchedule:
         self.next_check = self._whole_units(min(self.projected_total, 4 * done))
         return False
 
+    def met(self) -> Optional[bool]:
+        """Whether the run met its tolerance (None without one). A run whose cap came before any
+        check, or at a check that failed, did not."""
+        if self.tolerance is None:
+            return None
+        return self.stopped
+
     def _whole_units(self, permutations: float) -> int:
         return min(self.total, int(-(-permutations // self.unit) * self.unit))
 
 
-class _CostAnnouncer:
-    """Logs the projected cost of a long run once, from the time its rounds take.
+class _CostReport:
+    """Announces a long run's cost before it starts, from small timed pieces.
 
-    Without a tolerance the run's length is known at once; with one it is known at the first
-    stop check, which projects how many permutations the tolerance needs.
+    First, from the two ends' head evaluations: when one permutation on the generic path (the
+    probe, or a fast path's check) would itself take long, the whole generic projection is
+    logged at once. Then a probe times the chosen path on one and on a batch of permutations (kept
+    out of the estimate), a call's fixed cost and each permutation's, and the run's projection is
+    logged if long: without a tolerance at once, with one
+    at the first stop check, which projects how many permutations it needs. Device work is timed
+    with a synchronisation around the probe only, so projections hold on CUDA too.
     """
 
-    def __init__(self, group: _ImageGroup, coalitions_per_permutation: int):
-        self.group, self.per_permutation = group, coalitions_per_permutation
-        self.seconds, self.permutations, self.done = 0.0, 0, False
+    def __init__(self, game: Game):
+        self.game = game
+        self.per_permutation: Optional[float] = None
+        self.done = False
 
-    def probe(self, accumulate, projected_total: Optional[int]) -> None:
-        """Times one permutation (the identity order), kept out of the estimate, so that a long
-        run is announced before its first round, however large the sampling design's units."""
-        g = self.group
-        scratch = RunningEstimate(g.batch, g.n, 1, g.device)
-        tick = time.perf_counter()
-        accumulate(torch.arange(g.n, device=g.device)[None], scratch)
-        self.observe(1, time.perf_counter() - tick, projected_total)
+    def head_timed(self, seconds: float, rows: int) -> None:
+        g = self.game
+        first = seconds / rows * g.coalitions_per_permutation
+        if first * 10 > LONG_RUN_SECONDS:
+            logger.warning(
+                "Shap-CAM at %r: %d image(s), %d players: each permutation scores %d coalitions, %s on the generic "
+                "path (%.3g ms per head evaluation, measured), so up to %s for %d permutations; checking for a "
+                "faster exact path first. Lower n_permutations, set tolerance or group_size, or pick a coarser layer",
+                g.layer, g.batch, g.n, g.n + 1, _duration(first), 1e3 * seconds / rows,
+                _duration(first * g.permutations), g.permutations)
 
-    def observe(self, permutations: int, seconds: float, projected_total: Optional[int]) -> None:
-        self.seconds += seconds
-        self.permutations += permutations
-        if self.done or projected_total is None:
+    @torch.no_grad()  # a timing, never part of a differentiable map's graph
+    def probe(self, evaluator: Evaluator, projected_total: Optional[int], per_round: int, total: int) -> None:
+        """Times the path on one order, then on a batch of them (at most a round, and a sixteenth of
+        the run): the two separate a call's fixed cost from each permutation's."""
+        g = self.game
+        sizes = sorted({1, max(1, min(per_round, total // 16))})
+        seconds = []
+        for permutations in sizes:
+            scratch = RunningEstimate(g.batch, g.n, 1, g.device)
+            perms = torch.arange(g.n, device=g.device).expand(permutations, g.n).contiguous()
+            tick = _synchronized_clock(g.device)
+            evaluator.accumulate(perms, scratch)
+            seconds.append(_synchronized_clock(g.device) - tick)
+        if len(sizes) == 1:
+            self.fixed, self.per_permutation = 0.0, seconds[0]
+        else:
+            self.per_permutation = max(seconds[1] - seconds[0], 0.0) / (sizes[1] - sizes[0])
+            self.fixed = max(seconds[0] - self.per_permutation, 0.0)
+        self.per_round, self.path = per_round, evaluator.path
+        self.projected(projected_total)
+
+    def projected(self, projected_total: Optional[int]) -> None:
+        if self.done or projected_total is None or self.per_permutation is None:
             return
         self.done = True
-        remaining = self.seconds / self.permutations * (projected_total - self.permutations)
+        remaining = -(-projected_total // self.per_round) * self.fixed + projected_total * self.per_permutation
         if remaining <= LONG_RUN_SECONDS:
             return
-        g = self.group
-        per_coalition = self.seconds / (self.permutations * self.per_permutation)
+        g = self.game
         logger.warning(
-            "Shap-CAM at %r: %d image(s), %d players: %d permutations x %d coalitions = %.3g coalition "
-            "evaluations, projected %s more (%.3g ms each, measured); lower n_permutations, set tolerance or "
-            "group_size, or pick a coarser layer", g.engine.split.layer_name, g.batch, g.n, projected_total, g.n + 1,
-            projected_total * self.per_permutation, _duration(remaining), 1e3 * per_coalition)
+            "Shap-CAM at %r: %d image(s), %d players, %d permutations on the %s path: projected %s (%.3g ms per "
+            "permutation, measured); lower n_permutations, set tolerance or group_size, or pick a coarser layer",
+            g.layer, g.batch, g.n, projected_total, self.path, _duration(remaining),
+            1e3 * remaining / projected_total, extra={"projected_seconds": remaining})
+
+
+def _synchronized_clock(device: torch.device) -> float:
+    """perf_counter after the device's queued work is done (CUDA runs asynchronously)."""
+    if device.type == "cuda":
+        with host_reads(device):
+            torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def _derived_seed(seed: Optional[int]) -> Optional[int]:
+    """A second, independent seed from a run's seed (the golden-ratio increment of splitmix64)."""
+    return None if seed is None else (seed + 0x9E3779B97F4A7C15) % 2**64
 
 
 def _duration(seconds: float) -> str:
@@ -386,11 +424,6 @@ def _duration(seconds: float) -> str:
     if seconds < 7200:
         return f"about {seconds / 60:.0f} min"
     return f"about {seconds / 3600:.1f} h"
-
-
-def _select_images(held: tuple, batched: tuple, images: slice) -> tuple:
-    """Held values for some images: the batched ones are sliced, the others pass through."""
-    return tuple(h[images] if is_batched else h for h, is_batched in zip(held, batched))
 
 
 def _runs(indices: List[int]) -> List[slice]:
@@ -405,4 +438,4 @@ def _runs(indices: List[int]) -> List[slice]:
     return runs
 
 
-__all__ = ["BatchError", "ShapleyEngine", "ShapleyResult", "check_input"]
+__all__ = ["BatchError", "ShapleyEngine", "ShapleyResult", "check_input", "host_reads"]

@@ -1,8 +1,9 @@
-"""torch.fx graph utilities shared by the model split (head.py) and the fast-path proofs (fastpath/).
+"""torch.fx graph utilities shared by the model split (head.py) and the fast-path proofs (paths/).
 
-Four things both need: walking a graph forwards or backwards from some nodes, copying the part
-of a graph between given inputs and outputs into a module of its own, reading a call's
-arguments by name, and telling which calls write into their input.
+What both need: walking a graph forwards or backwards from some nodes, copying the part of a
+graph between given inputs and outputs into a module of its own, reading a call's arguments by
+name, and telling which calls write into their input, so that a graph never overwrites a tensor
+its caller keeps.
 """
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from typing import Any, Callable, Iterable, Optional
 import torch.fx as fx
 from torch import nn
 
-__all__ = ["ancestors", "bound_arguments", "descendants", "extract", "mutates_first_arg", "reachable"]
+__all__ = ["ancestors", "bound_arguments", "descendants", "extract", "mutates_first_arg", "protect_inputs",
+           "reachable"]
 
 _INPLACE_OPERATORS = {
     operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv, operator.imod,
@@ -109,3 +111,19 @@ def mutates_first_arg(node: fx.Node, root: nn.Module) -> bool:
         return True  # torch.relu_, torch.add_ ...
     arguments = bound_arguments(node)
     return (arguments if arguments is not None else node.kwargs).get("inplace") is True
+
+
+def protect_inputs(module: fx.GraphModule, root: nn.Module) -> fx.GraphModule:
+    """Clone the placeholders that an in-place op would overwrite (densenet's F.relu(inplace=True)
+    right after ``features``, VGG's ReLU(inplace=True) after its first Linear), so the caller's
+    tensors stay intact; returns ``module``, recompiled."""
+    graph = module.graph
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    first_op = next(n for n in graph.nodes if n.op != "placeholder")
+    for ph in placeholders:
+        if any(u.args and u.args[0] is ph and mutates_first_arg(u, root) for u in ph.users):
+            with graph.inserting_before(first_op):
+                copy = graph.call_method("clone", (ph,))
+            ph.replace_all_uses_with(copy, delete_user_cb=lambda user: user is not copy)
+    module.recompile()
+    return module

@@ -4,16 +4,26 @@ Every path (the generic masked batches, the fast walks, the permutation stream) 
 unit of its work costs, in bytes, and asks the planner how many units a chunk may hold. Costs
 that depend on the model (a head evaluation) are measured by counting the storage that one call
 allocates; costs of our own ops come from the ops module, for the backend that is active.
+
+A differentiable map (``create_graph``) keeps its autograd graph until the backward. Each chunk
+of work runs under :func:`recomputed`, so the graph keeps only the chunk's inputs (tensors the run
+holds anyway) and its outputs, never the values in between; the backward then recomputes one
+chunk at a time. The planner counts both: the graph's bytes beside every chunk, and every chunk
+twice (see :class:`MemoryPlanner`).
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from contextlib import nullcontext
+from typing import Any, Callable, Optional
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
+from torch.utils.checkpoint import checkpoint
 
-__all__ = ["MemoryPlanner", "allocated_bytes", "format_bytes"]
+from shapcam_ext.model_state import current_semantics
+
+__all__ = ["MemoryPlanner", "allocated_bytes", "format_bytes", "graph_bytes_per_permutation", "recomputed"]
 
 
 def format_bytes(count: float) -> str:
@@ -64,6 +74,26 @@ def cost_per_unit(run: Callable[[int], Callable[[], object]]) -> tuple[int, int]
     return max(one - per_unit, 0), per_unit
 
 
+def recomputed(fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)``; while autograd records, its backward recomputes it (a non-reentrant
+    ``torch.utils.checkpoint``) instead of keeping its intermediate values: the graph keeps
+    ``args`` and the tensors ``fn`` reads, which the caller holds anyway. The recomputation runs
+    under the evaluation semantics active now (the backward comes after explain has restored the
+    model's modes), so ``fn`` computes the same values again: the paths are deterministic and
+    draw no random numbers. It reads the parameters as they are when the backward runs."""
+    if not torch.is_grad_enabled():
+        return fn(*args)
+    again = current_semantics()
+    return checkpoint(fn, *args, use_reentrant=False, context_fn=lambda: (nullcontext(), again))
+
+
+def graph_bytes_per_permutation(batch: int, n: int) -> int:
+    """What a differentiable map's graph keeps per permutation until the backward, on every path:
+    the worths of its n + 1 prefixes for every image (float64 at most) and the order with its
+    ranks (int64); each chunk's intermediate values are recomputed (:func:`recomputed`)."""
+    return (batch * (n + 1) + 2 * n) * 8
+
+
 class MemoryPlanner:
     """Sizes chunks of work under a byte budget.
 
@@ -71,11 +101,21 @@ class MemoryPlanner:
         budget: bytes one chunk may allocate.
         batch_size: head evaluations per chunk chosen by the user; overrides the budget for
             the paths that count head evaluations.
+        graph_bytes: for a differentiable map, the bytes its graph keeps until the backward (all
+            of the run's permutations); None otherwise. They are counted beside every chunk, and a
+            chunk counts twice: its backward recomputes it, then allocates gradients of about the
+            same size.
     """
 
-    def __init__(self, budget: int, batch_size: Optional[int] = None):
+    def __init__(self, budget: int, batch_size: Optional[int] = None, graph_bytes: Optional[int] = None):
         self.budget = budget
         self.batch_size = batch_size
+        self.graph_bytes = graph_bytes
+
+    @property
+    def differentiable(self) -> bool:
+        """Whether the chunks planned belong to a differentiable map."""
+        return self.graph_bytes is not None
 
     def units(self, per_unit: int, fixed: int = 0, what: str = "one unit of work") -> int:
         """How many units of ``per_unit`` bytes fit beside ``fixed`` bytes (at least one).
@@ -83,10 +123,15 @@ class MemoryPlanner:
         Raises:
             ValueError: not even one unit fits; the message names the need and the budget.
         """
+        kept = ""
+        if self.graph_bytes is not None:
+            per_unit, fixed = 2 * per_unit, fixed + self.graph_bytes
+            kept = f" (its backward included, beside the {format_bytes(self.graph_bytes)} the map's graph keeps)"
         if fixed + per_unit > self.budget:
             raise ValueError(
-                f"memory_budget of {format_bytes(self.budget)} is too small for {what}, which needs "
+                f"memory_budget of {format_bytes(self.budget)} is too small for {what}{kept}, which needs "
                 f"{format_bytes(fixed + per_unit)}; raise memory_budget to at least that"
+                + (", or lower n_permutations" if kept else "")
             )
         return max(1, (self.budget - fixed) // max(per_unit, 1))
 

@@ -27,6 +27,7 @@ import torch
 
 from shapcam_ext import reference
 from shapcam_ext._backend import COMPILED
+from shapcam_ext.numerics import opmath
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 SUM_DTYPES = (torch.float32, torch.float64)
@@ -164,7 +165,7 @@ def _check_accumulators(batch: tuple, n, k, phi, phi_sq, device, unit_size) -> N
 
 
 def _sum_dtype(dtype: Optional[torch.dtype], inputs: torch.dtype) -> torch.dtype:
-    out = dtype if dtype is not None else reference.opmath(inputs)
+    out = dtype if dtype is not None else opmath(inputs)
     torch._check(out in SUM_DTYPES, lambda: f"dtype must be float32 or float64, got {out}")
     return out
 

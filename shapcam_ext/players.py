@@ -6,6 +6,11 @@ since that transform only rearranges tokens, pushing token *indices* through it 
 token each grid cell is, and masked grids are written back into the token tensor. Tokens the
 transform drops (a class token) are never masked. Grouping fuses g x g cells into one player
 with pixel_unshuffle, so the masking op sees a coarser grid with g*g times the channels.
+
+A layer whose output is a structure of maps (a dict or tuple, e.g. the levels of an FPN) goes
+through the ``reshape_transform`` too, but that transform may resize the maps (pytorch-grad-cam's
+``fasterrcnn_reshape_transform`` interpolates every level to the coarsest), so grids cannot be
+written back element by element: see :class:`MapStructure`.
 """
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 
 class PlayerGrid:
@@ -24,7 +30,16 @@ class PlayerGrid:
         self.activation = activation
         self.group_size = group_size
         self.token_index = None
-        if reshape_transform is not None:
+        self.structure = None
+        if not isinstance(activation, torch.Tensor):
+            if reshape_transform is None:
+                raise ValueError(
+                    f"the target layer's output is a {type(activation).__name__}, not a (B, C, h, w) tensor; pass "
+                    "reshape_transform= to turn it into a grid (e.g. pytorch-grad-cam's fasterrcnn_reshape_transform)"
+                )
+            self.structure = MapStructure(activation, reshape_transform(activation))
+            grid = self.structure.presence
+        elif reshape_transform is not None:
             grid = reshape_transform(activation)
             self.token_index = _token_index(activation, reshape_transform, grid)
         elif activation.dim() == 4:
@@ -39,18 +54,18 @@ class PlayerGrid:
         self.padding = (0, -w % group_size, 0, -h % group_size)
         self.players = self.to_players(grid)
 
-    @property
-    def player_shape(self) -> tuple:
-        return tuple(self.players.shape[-2:])
-
     def to_players(self, grid: torch.Tensor) -> torch.Tensor:
         if self.group_size == 1:
             return grid
         return F.pixel_unshuffle(F.pad(grid, self.padding), self.group_size)
 
     def baseline(self, baseline) -> torch.Tensor:
-        """The baseline in player layout: a scalar stays a scalar, a tensor is broadcast to the grid."""
+        """The baseline in player layout: a scalar stays a scalar, a tensor is broadcast to the grid.
+        For a structure of maps, the players are presences and a removed one is 0; the baseline
+        (a scalar) fills the maps' removed elements."""
         base = torch.as_tensor(baseline, dtype=self.players.dtype, device=self.players.device)
+        if self.structure is not None:
+            return self.structure.set_fill(base)
         if base.dim() == 0:
             return base
         try:
@@ -67,6 +82,8 @@ class PlayerGrid:
         grid = players
         if self.group_size > 1:
             grid = F.pixel_shuffle(players, self.group_size)[..., : self.grid_shape[-2], : self.grid_shape[-1]]
+        if self.structure is not None:
+            return self.structure.assemble(grid, images)
         if self.token_index is None:
             return grid
         source = self.activation[images]
@@ -84,7 +101,56 @@ class PlayerGrid:
         g = self.group_size
         h, w = self.grid_shape[-2:]
         full = values.repeat_interleave(g, -2).repeat_interleave(g, -1)[..., :h, :w]
-        return full / (_positions_per_player(h, g)[:, None] * _positions_per_player(w, g)[None, :])
+        shares = _positions_per_player(h, g)[:, None] * _positions_per_player(w, g)[None, :]
+        return full / shares.to(full.device)  # a differentiable map stays on the model's device
+
+
+class MapStructure:
+    """A layer output that is a structure of (B, C, H, W) maps, its players and their write-back.
+
+    The players are the cells of the (h, w) grid the ``reshape_transform`` makes of the
+    structure, and each element of each map belongs to the cell it falls in when the map is
+    scaled to the grid (nearest neighbour: the maps are views of one image at several
+    resolutions). Removing a player puts the baseline in its elements of every map. The engine
+    masks a grid of presences (1 kept, 0 removed), from which :meth:`assemble` builds the
+    structure the head consumes; an image whose maps hold NaN or Inf gets NaN presences, so the
+    engine fails that image alone.
+    """
+
+    def __init__(self, activation, grid: torch.Tensor):
+        self.maps, self.spec = tree_flatten(activation)
+        if grid.dim() != 4:
+            raise ValueError(f"reshape_transform must return (B, C, h, w), got shape {tuple(grid.shape)}")
+        batch = grid.shape[0]
+        for m in self.maps:
+            if not isinstance(m, torch.Tensor) or m.dim() != 4 or m.shape[0] != batch:
+                described = tuple(m.shape) if isinstance(m, torch.Tensor) else type(m).__name__
+                raise ValueError(f"the target layer's output holds {described}; Shap-CAM masks a structure only "
+                                 f"when each of its elements is a ({batch}, C, H, W) map")
+        finite = torch.stack([torch.isfinite(m.flatten(1)).all(1) for m in self.maps]).all(0)
+        presence = torch.ones((batch, 1) + tuple(grid.shape[-2:]), dtype=grid.dtype, device=grid.device)
+        self.presence = presence.masked_fill(~finite.view(batch, 1, 1, 1), float("nan"))
+        self.fill = torch.zeros((), dtype=grid.dtype, device=grid.device)
+
+    def set_fill(self, baseline: torch.Tensor) -> torch.Tensor:
+        """Keeps the value of removed elements; returns the value of a removed presence (0).
+
+        Raises:
+            ValueError: a tensor baseline, which has no place in maps of other sizes.
+        """
+        if baseline.dim():
+            raise ValueError("a structure of maps takes a scalar baseline (its maps differ in size); pass a number")
+        self.fill = baseline
+        return torch.zeros_like(baseline)
+
+    def assemble(self, presence: torch.Tensor, images: slice):
+        """The structure for presence grids (N, 1, h, w) of the images ``images``, image-major."""
+        per_image = presence.shape[0] // (images.stop - images.start)
+        maps = []
+        for m in self.maps:
+            keep = F.interpolate(presence, size=m.shape[-2:], mode="nearest") > 0.5
+            maps.append(torch.where(keep, m[images].repeat_interleave(per_image, 0), self.fill.to(m.dtype)))
+        return tree_unflatten(maps, self.spec)
 
 
 def _positions_per_player(size: int, group_size: int) -> torch.Tensor:

@@ -11,10 +11,7 @@ from typing import Sequence
 
 import torch
 
-
-def opmath(dtype: torch.dtype) -> torch.dtype:
-    """The dtype the walks run their logits in (at::opmath_type): float64 for float64, else float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from shapcam_ext.numerics import opmath
 
 
 def permutation_ranks(perms: torch.Tensor) -> torch.Tensor:
@@ -91,14 +88,14 @@ def walk_values(
     perms: torch.Tensor,
     classes: torch.Tensor,
     softmax: bool,
+    dtype: torch.dtype,
 ) -> torch.Tensor:
-    """(B, K, n+1) worth of every prefix of every permutation, the logits walked in the opmath
-    type of the inputs (:func:`opmath`), as the compiled kernels walk them.
+    """(B, K, n+1) worth of every prefix of every permutation, the logits walked in ``dtype`` (the
+    ops walk them in the opmath type of the inputs, shapcam_ext.numerics.opmath).
 
     The logits of coalition S are ``start_logits[b] + sum(deltas[b, p] for p in S)``; the worth
     is the softmax probability (``softmax=True``) or the logit of ``classes[b]``.
     """
-    dtype = opmath(deltas.dtype)
     steps = deltas.to(dtype)[:, perms]  # (B, K, n, M): the delta added at each step
     logits = torch.cat([torch.zeros_like(steps[:, :, :1]), steps.cumsum(2)], dim=2)
     logits = logits + start_logits.to(dtype)[:, None, None, :]
@@ -123,11 +120,11 @@ def linear_walk(
 ) -> torch.Tensor:
     """(B, n) in ``dtype``: Shapley sums for a head whose logits are additive in the players.
 
-    Walks every permutation (:func:`walk_values`), stores each worth in ``dtype`` and sums each
+    Walks every permutation in the opmath type of the inputs (:func:`walk_values`), stores each worth in ``dtype`` and sums each
     position's marginals over the permutations. start_logits: (B, M); deltas: (B, n, M);
     perms: (K, n); classes: (B,) int64.
     """
-    values = walk_values(start_logits, deltas, perms, classes, softmax).to(dtype)
+    values = walk_values(start_logits, deltas, perms, classes, softmax, opmath(deltas.dtype)).to(dtype)
     return _marginals_by_position(values, perms).sum(-2)
 
 
@@ -143,7 +140,7 @@ def linear_walk_(
 ) -> None:
     """:func:`linear_walk` accumulated into ``phi`` / ``phi_sq`` (B, n), in their dtype, like
     :func:`scatter_marginals_`."""
-    values = walk_values(start_logits, deltas, perms, classes, softmax).to(phi.dtype)
+    values = walk_values(start_logits, deltas, perms, classes, softmax, opmath(deltas.dtype)).to(phi.dtype)
     _accumulate(_marginals_by_position(values, perms), phi, phi_sq, unit_size)
 
 

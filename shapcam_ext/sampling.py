@@ -16,6 +16,7 @@ import itertools
 import math
 from typing import Optional
 
+import numpy as np
 import torch
 
 from shapcam_ext.statistics import MIN_UNITS_TO_STOP
@@ -35,6 +36,41 @@ def latin_block_rows(n: int, rows: int) -> int:
     hold padding, so they stay nearly even."""
     cap = max(1, min(n, MAX_BLOCK_ROWS, rows // MIN_UNITS_TO_STOP))
     return -(-n // -(-n // cap))
+
+
+# torch's CPU generator state (CPUGeneratorImplState): the Mersenne Twister's 624 state words,
+# each stored in 8 bytes, start at byte 24.
+_MT_WORDS = slice(24, 24 + 8 * 624)
+
+
+def seeded_generator(seed: Optional[int], device: torch.device) -> torch.Generator:
+    """A generator on ``device`` whose state depends on all 64 bits of ``seed``; None seeds it afresh.
+
+    CUDA's Philox generator takes the 64-bit seed as it is. The CPU's Mersenne Twister keeps only
+    the low 32 bits (torch seeds it with init_genrand), so a seed of 2**32 or more sets its state
+    with the Twister's reference seeding from a key, init_by_array on the seed's two 32-bit words
+    (numpy's legacy MT19937 computes it). Seeds below 2**32 keep torch's own seeding.
+
+    Raises:
+        RuntimeError: a seed of 2**32 or more on a torch whose CPU generator state is laid out
+            differently (checked against init_genrand of the low word).
+    """
+    generator = torch.Generator(device=device)
+    if seed is None:
+        generator.seed()
+        return generator
+    generator.manual_seed(seed)
+    if generator.device.type != "cpu" or seed < 2**32:
+        return generator
+    low, high = seed & 0xFFFFFFFF, seed >> 32
+    state = generator.get_state()
+    words = state.numpy()[_MT_WORDS].view(np.uint64)
+    if not np.array_equal(words, np.random.RandomState(low).get_state()[1]):
+        raise RuntimeError(f"torch {torch.__version__} lays out its CPU generator's state differently; seeds of "
+                           "2**32 and above cannot be honoured on the CPU here, pass a seed below 2**32")
+    words[:] = np.random.RandomState(np.array([low, high], dtype=np.uint32)).get_state()[1]
+    generator.set_state(state)
+    return generator
 
 
 class PermutationStream:
@@ -75,11 +111,7 @@ class PermutationStream:
         self.block_rows = latin_block_rows(n, total // reverses) if design == "latin" else 1
         self.unit_size = self.block_rows * reverses
         self.device = torch.device(device)
-        self.generator = torch.Generator(device=self.device)
-        if seed is None:
-            self.generator.seed()
-        else:
-            self.generator.manual_seed(seed)
+        self.generator = seeded_generator(seed, self.device)
         self._units_per_draw = max(1, min(64, _DRAW_ELEMENTS // (n * self.unit_size)))
         self._buffer = torch.empty(0, n, dtype=torch.int64, device=self.device)
 
@@ -94,7 +126,9 @@ class PermutationStream:
             have += block.shape[0]
         rows = torch.cat(parts) if len(parts) > 1 else parts[0]
         self._buffer = rows[count:]
-        return rows[:count]
+        # a copy: a differentiable map's graph holds each round's permutations until its backward,
+        # and a view would hold the whole draw
+        return rows[:count].clone()
 
     def _draw(self) -> torch.Tensor:
         """The next ``_units_per_draw`` units, (units * unit_size, n)."""
@@ -128,7 +162,12 @@ class PermutationStream:
         # Sorting by stratum + a uniform in [0, 1) orders the strata and shuffles within each one.
         keys = torch.rand(units, m, slots, generator=self.generator, device=self.device).add_(strata)
         order = players.gather(2, keys.argsort(2)).reshape(-1, slots)
-        return order[order < n].view(-1, n) if slots > n else order
+        if slots == n:
+            return order
+        # drop the padding: a stable sort on "is padding" keeps the players' order, with no boolean
+        # indexing (whose output size would be read back from the device)
+        real = (order >= n).to(torch.uint8).argsort(dim=1, stable=True)[:, :n]
+        return order.gather(1, real)
 
     def _uniform_orders(self, count: int, size: int) -> torch.Tensor:
         # argsort of i.i.d. uniforms is a uniform permutation, drawn for many rows at once.

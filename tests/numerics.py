@@ -1,4 +1,5 @@
-"""Rounding-error bounds: every tolerance of the test suite comes from here.
+"""Rounding-error bounds: every tolerance of the test suite comes from here (the primitives, from
+shapcam_ext.numerics, which the engine's self-check uses too).
 
 Two computations that are equal in exact arithmetic (a kernel and its reference, the CPU and
 the GPU, a fast path and the generic path, one chunking and another) differ by at most the sum
@@ -27,64 +28,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from shapcam_ext.head import split_model
-from shapcam_ext.reference import opmath, permutation_ranks, walk_values
-
-# exp, as the kernels (Cephes, tests/cpp/test_kernels.cpp checks it) and torch compute it, is
-# within 2 ulp = 4u of the exact value: counted as 4 roundings.
-EXP_ROUNDINGS = 4
-# Higham & Mary's lambda: a product of n roundings exceeds gamma_likely(n) with probability at
-# most 2 exp(-lambda^2 / 2) ~ 4e-22, negligible over every dot product the suite computes.
-LIKELY_LAMBDA = 10.0
-
-
-# ---- rounding units ---------------------------------------------------------------------------
-
-
-def unit_roundoff(dtype: torch.dtype) -> float:
-    """u: the largest relative error of one rounding to ``dtype`` (2^-24 for float32)."""
-    return torch.finfo(dtype).eps / 2
-
-
-def gamma(n: int, dtype: torch.dtype) -> float:
-    """gamma_n = n u / (1 - n u), the relative error of n roundings (Higham, Lemma 3.1).
-
-    A sum of n + 1 terms in any order, or a dot product of length n, is within gamma_n times the
-    sum of the terms' magnitudes of its exact value: a bound that holds for every summation order,
-    so for every SIMD width, blocking and thread count.
-    """
-    nu = n * unit_roundoff(dtype)
-    assert nu < 1, f"{n} roundings in {dtype}: no bound"
-    return nu / (1 - nu)
-
-
-def gamma_likely(n: int, dtype: torch.dtype) -> float:
-    """min(gamma_n, gamma~_n): gamma~_n = exp(lambda sqrt(n) u + n u^2 / (1 - u)) - 1 bounds n
-    roundings that are independent with mean zero, except with probability <= 2 exp(-lambda^2/2)
-    (Higham & Mary, Theorem 2.4). For the long dot products of real heads (n in the thousands),
-    where gamma_n grows linearly and no rounding sequence comes near it."""
-    u = unit_roundoff(dtype)
-    return min(gamma(n, dtype), math.expm1(LIKELY_LAMBDA * math.sqrt(n) * u + n * u * u / (1 - u)))
-
-
-# ---- a softmax probability --------------------------------------------------------------------
-
-
-def softmax_sensitivity(p: torch.Tensor, logit_error=0.0) -> torch.Tensor:
-    """How far a logit error e (in every logit) moves the softmax probability p_c: by at most
-    sum_j |dp_c/dz_j| = 2 q (1 - q) <= 1/2 times e, q the largest p_c along the way. Moving the
-    logits by e changes p_c by a factor within exp(+-2e), so q = min(p e^{2e}, 1/2) (2q(1-q) grows
-    up to q = 1/2)."""
-    q = (p * torch.as_tensor(2 * logit_error, dtype=p.dtype).exp()).clamp(max=0.5)
-    return 2 * q * (1 - q)
-
-
-def softmax_rounding(m: int, dtype: torch.dtype, likely: bool = False) -> float:
-    """Relative error of a softmax probability over m classes computed from given logits: exp of
-    each max-subtracted logit, their m-term sum in any order, one division (the subtraction's own
-    rounding is a logit error). gamma_likely for the many-class heads of real models."""
-    n = 2 * EXP_ROUNDINGS + m - 1 + 1
-    return gamma_likely(n, dtype) if likely else gamma(n, dtype)
-
+# The analysis itself lives in the package, whose self-check uses it too; re-exported here.
+from shapcam_ext.numerics import (  # noqa: F401
+    EXP_ROUNDINGS, LIKELY_LAMBDA, LogitScale, gamma, gamma_likely, head_sums, opmath, softmax_rounding,
+    softmax_sensitivity, unit_roundoff)
+from shapcam_ext.reference import permutation_ranks, walk_values
 
 # ---- from worths to maps ----------------------------------------------------------------------
 
@@ -176,7 +124,8 @@ def walk_error(start: torch.Tensor, deltas: torch.Tensor, perms: torch.Tensor, c
     """
     n, m = deltas.shape[1], deltas.shape[2]
     walk = opmath(deltas.dtype)
-    exact = walk_values(start.double().cpu(), deltas.double().cpu(), perms.cpu(), classes.cpu(), softmax)
+    exact = walk_values(start.double().cpu(), deltas.double().cpu(), perms.cpu(), classes.cpu(), softmax,
+                        torch.float64)
     z = logit_scale(start, deltas)
     logit_error = gamma(n, walk) * z
     if softmax:
@@ -278,26 +227,6 @@ def scatter_gradient_error(exact: torch.Tensor, acc: torch.dtype, out: torch.dty
 # ---- heads of real models ---------------------------------------------------------------------
 
 
-def head_sums(head: nn.Module, positions: int) -> list[int]:
-    """The roundings each layer of a head contributes along its longest path: the pool's sum over
-    ``positions`` (0: no pool), a Linear's or a convolution's dot product (fan-in + 1 for the
-    bias), a layer norm's mean and variance over its channels, and a few (4) for every other
-    leaf module with arithmetic (batch norm, activations)."""
-    exact = (nn.Dropout, nn.Identity, nn.Flatten, nn.ReLU, nn.MaxPool2d, nn.AdaptiveMaxPool2d)
-    pools = (nn.AvgPool2d, nn.AdaptiveAvgPool2d)  # counted by ``positions``
-    sums = [positions] if positions else []
-    for module in head.modules():
-        if isinstance(module, nn.Linear):
-            sums.append(module.in_features + 1)
-        elif isinstance(module, nn.modules.conv._ConvNd):
-            sums.append(module.in_channels // module.groups * math.prod(module.kernel_size) + 1)
-        elif isinstance(module, nn.LayerNorm):
-            sums.append(2 * math.prod(module.normalized_shape) + 4)
-        elif not any(True for _ in module.children()) and not isinstance(module, exact + pools):
-            sums.append(EXP_ROUNDINGS)
-    return sums
-
-
 def model_value_error(scale: "LogitScale", model: nn.Module, layer, positions: int,
                       target: Union[str, float] = "softmax") -> float:
     """LogitScale.value_error for the head of ``model`` cut after ``layer``, with ``positions``
@@ -308,62 +237,6 @@ def model_value_error(scale: "LogitScale", model: nn.Module, layer, positions: i
 def final_linear(model: nn.Module) -> nn.Linear:
     """The last Linear layer registered in a classifier: the one producing the logits."""
     return [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
-
-
-class LogitScale:
-    """Records, for every row a model's final Linear computes while active, the magnitude of its
-    dot products, S = max_c (|W| |h| + |b|)_c, and the row's largest softmax probability.
-
-    Use as a context manager around the computations whose worths are bounded.
-    """
-
-    def __init__(self, linear: nn.Linear):
-        self.linear = linear
-        self.terms: list[torch.Tensor] = []
-        self.top_probability: list[torch.Tensor] = []
-
-    def _record(self, module, inputs, output):
-        h = inputs[0].detach().double().flatten(0, -2)
-        weight, bias = module.weight.detach().double().abs(), module.bias
-        terms = h.abs() @ weight.T + (0 if bias is None else bias.detach().double().abs())
-        self.terms.append(terms.amax(-1).cpu())
-        self.top_probability.append(output.detach().double().flatten(0, -2).softmax(-1).amax(-1).cpu())
-
-    def __enter__(self) -> "LogitScale":
-        self._handle = self.linear.register_forward_hook(self._record)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._handle.remove()
-
-    @property
-    def largest_logit(self) -> float:
-        """A bound on every recorded logit's magnitude: the largest S."""
-        return float(torch.cat(self.terms).max())
-
-    def value_error(self, sums: Iterable[int], target: Union[str, float] = "softmax") -> float:
-        """A bound on how far a float32 evaluation of any recorded row's worth is from exact.
-
-        Each layer's dot products (or pooled sums) of length L are within gamma_likely(L) of the
-        magnitude of their terms. Modelled assumption: each layer's error reaches the logits at
-        most at the scale S of the final dot products (exact for elementwise layers before the
-        final Linear; between stacked Linear layers, the margin of gamma_likely over the errors
-        actually seen, orders of magnitude, absorbs what amplification there is). So a logit is
-        within e_z = S * sum_layers gamma_likely(L). The worth: a logit (target="logit"), a softmax
-        probability (within softmax_sensitivity(p) e_z plus its own rounding), or any target
-        with the given Lipschitz constant in the logits' max norm.
-        """
-        assert self.terms, "the final Linear computed nothing while recording"
-        terms, top = torch.cat(self.terms), torch.cat(self.top_probability)
-        logit_error = terms * sum(gamma_likely(n, torch.float32) for n in sums)
-        if target == "logit":
-            error = logit_error
-        elif target == "softmax":
-            rounding = softmax_rounding(self.linear.out_features, torch.float32, likely=True)
-            error = softmax_sensitivity(top, logit_error) * logit_error + rounding * top
-        else:
-            error = float(target) * logit_error
-        return float(error.max())
 
 
 # ---- Shapley properties and post-processing ---------------------------------------------------
@@ -400,3 +273,66 @@ def rescaled_error(input_error: float, maps: torch.Tensor, implementations: int 
     cams = maps.double().clamp_min(0).flatten(1)
     spread = float((cams.amax(1) - cams.amin(1)).min())
     return 4 * input_error / (spread + 1e-7) + implementations * postprocess_rounding()
+
+
+# ---- gradients of maps ------------------------------------------------------------------------
+
+
+def pooled_softmax_map_gradient_error(activation: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                                      perms: torch.Tensor, classes: torch.Tensor, cotangent: torch.Tensor,
+                                      dtype: torch.dtype) -> torch.Tensor:
+    """A bound, (B, C, h, w), on how far one implementation computing in ``dtype`` is from the
+    exact gradient of L = sum(cotangent * phi) with respect to the activation (B, C, h, w), for a
+    head that averages the n positions (baseline 0) and applies a Linear (weight (M, C), bias
+    (M,)), the worth the softmax probability of ``classes`` (B,), and phi (B, n) the mean of the
+    marginals along ``perms`` (K, n); cotangent: (B, n).
+
+    The exact gradient: the worth v_kt of prefix t of permutation k (coalition S_kt) has the
+    cotangent a_kt = (w[p_k,t-1] [t >= 1] - w[p_kt] [t < n]) / K, dv/dz = s = p_c (e_c - p), and
+    dL/dA[:, q] = sum over (k, t) with q in S_kt of a_kt W^T s_kt / n. Every implementation (the
+    walk, the reference's masked maps) sums these K (n+1) M terms per entry, in its own order.
+
+    One term's error: the logits are within e = gamma_{2n+C+2} Z of exact, Z = max_j (|b_j| +
+    sum_q |W_j| |A_q| / n) (a walk's running sums: n roundings after each change's dot product of
+    C + 2; the reference's pool and dot product: n + C + 1), which moves every p_j by a factor
+    within exp(+-2e); with the softmax's own rounding |p^ - p| <= r p, r = e^{2e} (1 +
+    softmax_rounding) - 1 (as walk_error). Then |s^_j - s_j| <= r (1 + r) sigma_j, sigma_j = p_c
+    (|e_cj - p_j| + p_j) >= |s_j|. The sums and products on the way (the softmax's backward and the
+    Linear's, over M classes each; a walk's cumulative sums over n steps and its scatter over K
+    permutations, or the reference's sum over K (n+1) masked maps; a few products and
+    conversions) are at most N = 2M + K (n+1) + n + K + 10 roundings. So |g^ - g| <= ((1 + r (1 +
+    r)) (1 + gamma_N) - 1) times the sum of the terms' bounds |a_kt| sigma_kt |W| / n.
+    """
+    a_map = activation.double().cpu().flatten(2).transpose(1, 2)  # (B, n, C)
+    w, b = weight.double().cpu(), bias.double().cpu()
+    perms, classes, cot = perms.cpu(), classes.cpu(), cotangent.double().cpu()
+    (k, n), m, c = perms.shape, w.shape[0], w.shape[1]
+    keep = (permutation_ranks(perms)[:, None, :] < torch.arange(n + 1)[None, :, None]).double()  # (K, n+1, n)
+    logits = torch.einsum("ktq,bqc->bktc", keep, a_map) / n @ w.T + b
+    p = logits.softmax(-1)
+    onehot = F.one_hot(classes, m).double().view(-1, 1, 1, m)
+    sigma = (p * onehot).sum(-1, keepdim=True) * ((onehot - p).abs() + p)
+    entering = cot[:, perms]  # (B, K, n): the cotangent of the position each step adds
+    zero = torch.zeros(*entering.shape[:2], 1, dtype=torch.float64)
+    a = (torch.cat([zero, entering], -1) - torch.cat([entering, zero], -1)).abs() / k  # (B, K, n+1)
+    terms = torch.einsum("bkt,bktm,mc,ktq->bcq", a, sigma, w.abs(), keep) / n
+    z = (a_map.abs().sum(1) / n @ w.abs().T + b.abs()).amax(-1)  # (B,)
+    e = gamma(2 * n + c + 2, dtype) * z
+    r = (torch.exp(2 * e) * (1 + softmax_rounding(m, dtype)) - 1).view(-1, 1, 1)
+    relative = (1 + r * (1 + r)) * (1 + gamma(2 * m + k * (n + 1) + n + k + 10, dtype)) - 1
+    return (relative * terms).view(activation.shape)
+
+
+def reordered_gradient_error(per_output: torch.Tensor, cotangents: torch.Tensor, roundings: int,
+                             dtype: torch.dtype) -> torch.Tensor:
+    """A bound on the difference of two implementations of the gradient sum_i c_i do_i/dtheta that
+    run the same arithmetic with the roundings in other orders (an eager and a compiled training
+    step): per_output (I, ...) the gradients of the I outputs o_i, cotangents (I,) the c_i, and
+    ``roundings`` the longest chain of roundings from the parameters to the loss.
+
+    Modelled, as LogitScale.value_errors: each rounding reaches the gradient at most at the scale
+    of sum_i |c_i| |do_i/dtheta| (the same terms with their signs dropped), so each implementation
+    is within gamma_roundings of it, and two within twice that.
+    """
+    magnitude = (cotangents.double().abs().view(-1, *[1] * (per_output.dim() - 1)) * per_output.double().abs()).sum(0)
+    return 2 * gamma(roundings, dtype) * magnitude

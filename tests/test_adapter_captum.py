@@ -1,8 +1,11 @@
 """LayerShapCAM against Captum's conventions, the core engine and an independent efficiency check."""
+import inspect
+from contextlib import nullcontext
+
 import pytest
 import torch
 import torchvision
-from captum.attr import LayerAttribution, LayerGradCam
+from captum.attr import LayerAttribution, LayerGradCam, NoiseTunnel
 from torch import nn
 
 from shapcam_ext import ClassifierOutputSoftmaxTarget, ClassifierOutputTarget, ShapCAM
@@ -202,3 +205,58 @@ def test_grouped_players_sum_to_the_score_gain(resnet, group_size):
                 cells = attribution[i * group_size:(i + 1) * group_size, j * group_size:(j + 1) * group_size]
                 torch.testing.assert_close(cells, torch.full_like(cells, player.shapley[i, j] / cells.numel()),
                                            atol=1e-6, rtol=1e-5)
+
+
+def test_signature_is_captums_layer_gradcam():
+    """Every parameter of Captum's LayerGradCam, at its position and with its default, so code
+    written for it (keywords or positions) runs on LayerShapCAM."""
+    for method in ("__init__", "attribute"):
+        theirs = list(inspect.signature(getattr(LayerGradCam, method)).parameters.values())
+        ours = list(inspect.signature(getattr(LayerShapCAM, method)).parameters.values())[:len(theirs)]
+        assert [(p.name, p.default) for p in ours] == [(p.name, p.default) for p in theirs], method
+
+
+def test_captums_noise_tunnel_passes_the_deltas_through(resnet):
+    """NoiseTunnel asks has_convergence_delta() and calls attribute.__wrapped__; with zero noise
+    its samples are the inputs themselves."""
+    model, x = resnet
+    explainer = LayerShapCAM(model, model.layer4, **SETTINGS)
+    assert explainer.has_convergence_delta()
+    attributions, delta = explainer.attribute(x, target=5, return_convergence_delta=True)
+    smoothed, deltas = NoiseTunnel(explainer).attribute(x, nt_samples=2, stdevs=0.0, target=5,
+                                                        return_convergence_delta=True)
+    torch.testing.assert_close(smoothed, attributions)
+    torch.testing.assert_close(deltas, delta.repeat_interleave(2), atol=1e-6, rtol=0)
+
+
+def test_relu_attributions_clamp_the_signed_map(resnet):
+    model, x = resnet
+    signed = LayerShapCAM(model, model.layer4, **SETTINGS).attribute(x, 5)
+    assert (signed < 0).any()
+    relu = LayerShapCAM(model, model.layer4, **SETTINGS).attribute(x, 5, relu_attributions=True)
+    assert torch.equal(relu, signed.clamp_min(0))
+
+
+@pytest.mark.parametrize("as_module", [True, False], ids=["module", "callable"])
+def test_attribute_to_layer_input(resnet, as_module):
+    """ResNet calls layer4 on layer3's output: the players at layer4's input are layer3's positions."""
+    model, x = resnet
+    forward_func = model if as_module else (lambda inputs: model(inputs))
+    with nullcontext() if as_module else pytest.warns(UserWarning, match="hook path"):
+        at_input = LayerShapCAM(forward_func, model.layer4, **SETTINGS).attribute(
+            x, 5, attribute_to_layer_input=True)
+    with nullcontext() if as_module else pytest.warns(UserWarning, match="hook path"):
+        at_output = LayerShapCAM(forward_func, model.layer3, **SETTINGS).attribute(x, 5)
+    assert at_input.shape == LayerGradCam(model, model.layer4).attribute(x, 5, attribute_to_layer_input=True).shape
+    assert torch.equal(at_input, at_output)
+
+
+@pytest.mark.parametrize("setting,message", [
+    (dict(attr_dim_summation=False), "attr_dim_summation"), (dict(grad_kwargs={"retain_graph": True}), "grad_kwargs"),
+])
+def test_captum_settings_without_a_meaning_here_are_refused(resnet, setting, message):
+    model, x = resnet
+    with pytest.raises(ValueError, match=message):
+        LayerShapCAM(model, model.layer4, **SETTINGS).attribute(x, 5, **setting)
+    with pytest.raises(ValueError, match=r"device_ids.*\.module"):
+        LayerShapCAM(model, model.layer4, [0, 1])

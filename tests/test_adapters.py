@@ -1,9 +1,11 @@
 """The other libraries' conventions over the one engine, and agreement with Captum."""
 import dataclasses
+import gc
 import importlib
 import subprocess
 import sys
 import textwrap
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -63,6 +65,61 @@ def test_basecam_subclass_gives_the_same_maps(resnet):
     raw = torch.stack([r.shapley for r in ShapCAM(model, [model.layer4[-1]], **SETTINGS).explain(x, targets)])
     # The same raw maps, post-processed by pytorch-grad-cam and by us.
     numerics.assert_within(via_basecam, via_ours, numerics.rescaled_error(0.0, raw), "BaseCAM subclass against ShapCAM")
+
+
+def test_a_live_gradcam_leaves_shapcam_on_its_traced_path(resnet):
+    """Side by side with a GradCAM on layer3[-1], whose hooks are on the model while ShapCAM is
+    built: the same maps, on the same fast path, and GradCAM still works afterwards."""
+    from pytorch_grad_cam import GradCAM
+
+    model, x = resnet
+    targets = [ClassifierOutputSoftmaxTarget(1), ClassifierOutputSoftmaxTarget(2)]
+    alone = ShapCAM(model, [model.layer4[-1]], **SETTINGS).explain(x, targets)
+    with GradCAM(model, [model.layer3[-1]]) as gradcam:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no fall back to the hook path
+            beside = ShapCAM(model, [model.layer4[-1]], **SETTINGS).explain(x, targets)
+        assert gradcam(x, targets).shape == (2, 64, 64)
+    assert [r.path for r in beside] == [r.path for r in alone] == ["pooled-linear"] * 2
+    assert all(torch.equal(a.shapley, b.shapley) for a, b in zip(alone, beside))
+
+
+def test_pytorch_grad_cam_wrappers_take_shapcam(resnet, monkeypatch):
+    """SESS and RefineCAM only call their base method: ShapCAM serves; FinerCAM drives BaseCAM's
+    internals: ShapCAMBase serves, and ShapCAM says so."""
+    from pytorch_grad_cam.finer_cam import FinerCAM
+    from pytorch_grad_cam.refine_cam import RefineCAM
+    from pytorch_grad_cam.sess import SESS
+
+    from shapcam_ext.adapters.gradcam import ShapCAMBase
+
+    model, x = resnet
+    unraisable = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)  # a __del__ that fails
+    sess = SESS(model, [model.layer4[-1]], base_method=ShapCAM, scales=[64, 80], **SETTINGS)
+    with sess:
+        assert sess(x[:1]).shape == (1, 64, 64)
+    del sess
+    gc.collect()
+    for base_method in (ShapCAM, ShapCAMBase):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # each layer's cut is traced, with the other's hooks alive
+            refined = RefineCAM(model, [model.layer3[-1], model.layer4[-1]], base_method=base_method, **SETTINGS)
+        assert refined(x).shape == (2, 64, 64)
+        del refined
+        gc.collect()
+    assert FinerCAM(model, [model.layer4[-1]], base_method=ShapCAMBase)(x).shape == (2, 64, 64)
+    with pytest.raises(TypeError, match="base_method=shapcam_ext.adapters.gradcam.ShapCAMBase"):
+        FinerCAM(model, [model.layer4[-1]], base_method=ShapCAM)(x)
+    assert not unraisable, [u.exc_value for u in unraisable]
+
+
+def test_basecam_subclass_refuses_eigen_smooth(resnet):
+    from shapcam_ext.adapters.gradcam import ShapCAMBase
+
+    model, x = resnet
+    with pytest.raises(ValueError, match="eigen_smooth"):
+        ShapCAMBase(model, [model.layer4[-1]], **SETTINGS)(x, None, eigen_smooth=True)
 
 
 def test_several_layers_are_combined_like_gradcam(resnet):

@@ -380,7 +380,7 @@ def fake_result(h: int = 7, w: int = 7) -> ShapleyResult:
     shapley = torch.linspace(-1, 2, h * w, dtype=torch.float64).view(h, w)
     return ShapleyResult(
         shapley=shapley, std_error=torch.full((h, w), 0.01, dtype=torch.float64), value_full=0.9,
-        value_empty=0.1, efficiency_gap=0.0, n_permutations=8, backend="reference", seconds=0.5, layer="bn2",
+        value_empty=0.1, efficiency_gap=0.0, n_permutations=8, units=4, backend="reference", seconds=0.5, layer="bn2",
         target=ClassTarget(1), feature_map=shapley,
     )
 

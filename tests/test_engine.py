@@ -1,7 +1,11 @@
 """Shapley properties of the estimator on tiny models, against exact enumeration."""
+import time
+from collections import OrderedDict
+
 import numpy as np
 import pytest
 import torch
+import torchvision
 from torch import nn
 
 from shapcam_ext import ShapCAM
@@ -9,6 +13,7 @@ from shapcam_ext import engine
 from shapcam_ext.engine import BatchError
 import numerics
 from exact import exact_shapley
+from tutorials import fasterrcnn_reshape_transform
 from shapcam_ext.targets import ClassifierOutputSoftmaxTarget, ClassifierOutputTarget
 
 
@@ -116,11 +121,13 @@ def test_null_player_gets_zero_and_symmetric_players_equal():
                            "two symmetric players")
 
 
-def test_seed_makes_maps_bit_identical(model_and_input):
+# Seeds that share their low 32 bits must differ too: torch's CPU generator keeps only those.
+@pytest.mark.parametrize("seed,other", [(7, 8), (2**32 + 5, 5), (2**64 - 1, 2**32 - 1), (2**33, 2**32)])
+def test_seed_makes_maps_bit_identical(model_and_input, seed, other):
     model, x = model_and_input
-    a = explain(model, x, n_permutations=32, seed=7)[0].shapley
-    b = explain(model, x, n_permutations=32, seed=7)[0].shapley
-    c = explain(model, x, n_permutations=32, seed=8)[0].shapley
+    a = explain(model, x, n_permutations=32, seed=seed)[0].shapley
+    b = explain(model, x, n_permutations=32, seed=seed)[0].shapley
+    c = explain(model, x, n_permutations=32, seed=other)[0].shapley
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
 
@@ -201,6 +208,60 @@ def test_tokens_are_players_through_reshape_transform():
                                      model.out.in_features + 1])
     numerics.assert_within(result.shapley.flatten(), expected, 2 * numerics.map_error(value_error),
                            "token players against enumeration")
+
+
+class TwoLevels(nn.Module):
+    """An FPN-like layer returning a dict of a 4 x 4 and a 2 x 2 map, and a head over both."""
+
+    def __init__(self):
+        super().__init__()
+        self.fine, self.coarse = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        fine = torch.relu(self.fine(x))
+        return OrderedDict([("0", fine), ("pool", torch.relu(self.coarse(fine)))])
+
+
+class LevelsModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.levels, self.out = TwoLevels(), nn.Linear(8, 3)
+
+    def forward(self, x):
+        levels = self.levels(x)
+        return self.out(torch.cat([levels["0"].mean((2, 3)), levels["pool"].amax((2, 3))], 1))
+
+
+def test_a_dict_of_maps_is_masked_through_a_resizing_reshape_transform():
+    """The players are the transform's 2 x 2 grid; each element of each level belongs to the cell
+    it falls in at the grid's scale (a 2 x 2 block of the 4 x 4 level), and a removed player's
+    elements are the baseline in every level."""
+    model = LevelsModel().eval()
+    x = torch.randn(1, 3, 4, 4)
+    levels = model.levels(x)
+
+    def worth(members):
+        keep = members.view(-1, 1, 2, 2)
+        fine = torch.where(keep.repeat_interleave(2, 2).repeat_interleave(2, 3), levels["0"], 0.0)
+        coarse = torch.where(keep, levels["pool"], 0.0)
+        return model.out(torch.cat([fine.mean((2, 3)), coarse.amax((2, 3))], 1)).softmax(-1)[:, 1]
+
+    with numerics.LogitScale(model.out) as scale:
+        result = ShapCAM(model, [model.levels], reshape_transform=fasterrcnn_reshape_transform, exact=True).explain(
+            x, [ClassifierOutputSoftmaxTarget(1)])[0]
+        with torch.no_grad():
+            expected = exact_shapley(worth, 4)
+    assert result.shapley.shape == (2, 2)
+    # The head: the fine level's mean over 16 positions, the coarse level's max, then out (a Linear).
+    value_error = scale.value_error([16, model.out.in_features + 1])
+    numerics.assert_within(result.shapley.flatten(), expected, 2 * numerics.map_error(value_error),
+                           "players of a dict of maps against enumeration")
+    with pytest.raises(ValueError, match="scalar baseline"):
+        ShapCAM(model, [model.levels], reshape_transform=fasterrcnn_reshape_transform,
+                baseline=torch.zeros(8, 2, 2)).explain(x)
+    with pytest.raises(ValueError, match="OrderedDict.*reshape_transform="):
+        ShapCAM(model, [model.levels]).explain(x)
 
 
 def test_cam_call_matches_gradcam_postprocessing(model_and_input):
@@ -360,4 +421,120 @@ def test_a_long_run_announces_its_cost_first(model_and_input, monkeypatch, caplo
         result = explain(model, x, n_permutations=64, batch_size=7)[0]
     (record,) = [r for r in caplog.records if "projected" in r.getMessage()]
     # 64 rounded up to whole Latin blocks
-    assert f"{result.n_permutations} permutations x 7 coalitions" in record.getMessage()
+    assert f"{result.n_permutations} permutations on the generic path" in record.getMessage()
+
+
+CLOCK = [0.0]  # a clock that only the head advances, as if each call cost 1 ms plus 10 us per row
+
+
+@torch.fx.wrap
+def _ticking(x):
+    CLOCK[0] += 1e-3 + 1e-5 * x.shape[0]
+    return x
+
+
+class Ticking(nn.Module):
+    def forward(self, x):
+        return _ticking(x)
+
+
+def test_the_projected_cost_is_close_to_the_run_time(monkeypatch, caplog):
+    """The projection comes from a probe of the path that runs, timed on one and on a batch of
+    permutations to separate a call's fixed cost from each permutation's; against a head whose cost
+    is known exactly (a clock it advances), it must land within a small factor of the run (a
+    100x error once announced a 40 s run as an hour)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), Ticking(), nn.Conv2d(4, 4, 2), nn.Tanh(),
+                          nn.Flatten(), nn.Linear(4 * 1 * 2, 5)).eval()
+    x = torch.randn(1, 3, 2, 3)
+    monkeypatch.setattr(engine, "LONG_RUN_SECONDS", 0.0)
+    monkeypatch.setattr(engine, "_synchronized_clock", lambda device: CLOCK[0])
+    for options in (dict(), dict(batch_size=20)):  # one head call per round, or several
+        cam = ShapCAM(model, [model[1]], n_permutations=1024, **options)
+        prepared = cam.prepare(x)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="shapcam_ext"):
+            start = CLOCK[0]
+            cam.estimate(prepared)
+            seconds = CLOCK[0] - start
+        (record,) = [r for r in caplog.records if hasattr(r, "projected_seconds")]
+        assert seconds / 2 < record.projected_seconds < 2 * seconds, options
+
+
+# ------------------------------------------------------------------ two phases: one forward pass per batch
+
+
+def forward_calls(model: nn.Module) -> list:
+    """A list that grows by one each time the model's first layer runs: once per forward pass of the
+    model (the heads start after it)."""
+    calls = []
+    next(m for m in model.modules() if isinstance(m, nn.Conv2d)).register_forward_hook(lambda *_: calls.append(1))
+    return calls
+
+
+def test_one_forward_pass_serves_every_target_layer():
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=7).eval()
+    x = torch.randn(2, 3, 64, 64)
+    cam = ShapCAM(model, [model.layer3, model.layer4], n_permutations=4)
+    calls = forward_calls(model)
+    maps = cam(x)
+    assert len(calls) == 1 and maps.shape == (2, 64, 64)
+    prepared = cam.prepare(x)
+    calls.clear()
+    per_layer = [cam.estimate(prepared, None, layer) for layer in (0, 1)]
+    assert calls == []
+    # the same maps as one layer explained alone
+    alone = ShapCAM(model, [model.layer4], n_permutations=4).explain(x)
+    assert all(torch.equal(a.shapley, b.shapley) for a, b in zip(alone, per_layer[1]))
+    assert torch.equal(prepared.outputs, model(x))
+
+
+def test_estimate_names_a_bad_layer_or_preparation(model_and_input):
+    model, x = model_and_input
+    cam = ShapCAM(model, [model[1]], n_permutations=4)
+    with pytest.raises(ValueError, match=r"layer must index the 1 target layer\(s\), got 1"):
+        cam.estimate(cam.prepare(x), None, layer=1)
+    with pytest.raises(TypeError, match="prepared must come from prepare"):
+        cam.estimate(x)
+
+
+def test_a_missed_tolerance_is_reported(model_and_input):
+    model, x = model_and_input
+    with pytest.warns(RuntimeWarning, match="tolerance 1e-09 was not met"):
+        (result,) = explain(model, x, n_permutations=16, tolerance=1e-9, design="iid")
+    assert result.tolerance_met is False
+    (result,) = explain(model, x, n_permutations=4096, tolerance=0.5)
+    assert result.tolerance_met is True
+    assert explain(model, x, n_permutations=4)[0].tolerance_met is None
+
+
+def test_a_loose_tolerance_costs_the_same_whatever_the_cap():
+    """With a tolerance, Latin blocks are sized from a pilot's projection of what the tolerance needs,
+    not from the cap: a cap of 256 or of 4096 must not change how long a loose tolerance runs (it
+    once ran 208 and 784 permutations on Lite0 bn2, blocks of 8 and 49 strata)."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5)).eval()
+    x = torch.randn(1, 3, 7, 7)  # 49 players
+    runs = [explain(model, x, n_permutations=cap, tolerance=0.2)[0] for cap in (256, 4096)]
+    assert runs[0].n_permutations == runs[1].n_permutations <= 64
+    assert all(r.tolerance_met for r in runs)
+
+
+def test_a_long_run_is_announced_before_its_path_is_built_and_checked(model_and_input, monkeypatch, caplog):
+    """Building and checking a fast path, and the probe, run whole permutations: on a large map with a
+    heavy head that alone took minutes in silence. The two ends' head evaluations are timed first,
+    and a long projection is logged before any of it (issue 18.7)."""
+    model, x = model_and_input
+    monkeypatch.setattr(engine, "LONG_RUN_SECONDS", 0.0)
+    logged_before_path = []
+    real = engine.evaluator_for
+
+    def spy(game, proof):
+        logged_before_path.extend(r.getMessage() for r in caplog.records)
+        return real(game, proof)
+
+    monkeypatch.setattr(engine, "evaluator_for", spy)
+    with caplog.at_level("WARNING", logger="shapcam_ext"):
+        explain(model, x, n_permutations=64)
+    assert any("checking for a faster exact path first" in m for m in logged_before_path)

@@ -61,3 +61,19 @@ def test_host_syncs_do_not_grow_with_the_permutations(make):
         return sum("synchroniz" in str(w.message) for w in caught)
 
     assert syncs(256) == syncs(16)
+
+
+@pytest.mark.parametrize("make", [mixing_model, pooled_model], ids=["generic", "pooled-linear"])
+def test_sampling_rounds_never_read_the_device(make):
+    """Under set_sync_debug_mode("error") any host read raises; the engine allows reads only at its
+    documented points (engine.host_reads: a batch's setup, the stop checks, the results, the cost
+    probe), so a whole run, with a tolerance's stop checks, completes."""
+    model = make().cuda()
+    x = torch.randn(2, 3, 3, 4, device="cuda")
+    cam = ShapCAM(model, [model[1]], n_permutations=256, tolerance=0.05, batch_size=26)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        results = cam.explain(x)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(r.n_permutations > 0 for r in results)

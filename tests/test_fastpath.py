@@ -1,4 +1,5 @@
 """Fast head paths: proven from the graph, equal to the generic path on the same permutations."""
+import copy
 import warnings
 from functools import lru_cache
 
@@ -8,13 +9,16 @@ import torch
 import torchvision
 from torch import nn
 
-from shapcam_ext import ShapCAM
+from shapcam_ext import ShapCAM, ops, paths
 import numerics
 from exact import exact_shapley
-from shapcam_ext.fastpath import pattern as fast_pattern
-from shapcam_ext.fastpath import prove
+from shapcam_ext.paths import pattern as fast_pattern
+from shapcam_ext.paths import prove
+from shapcam_ext.game import Game
 from shapcam_ext.head import split_model
-from shapcam_ext.targets import ClassifierOutputSoftmaxTarget, ClassifierOutputTarget, ClassTarget
+from shapcam_ext.memory import MemoryPlanner
+from shapcam_ext.players import PlayerGrid
+from shapcam_ext.targets import ClassifierOutputSoftmaxTarget, ClassifierOutputTarget, ClassTarget, Scorer
 
 SETTINGS = dict(n_permutations=6, batch_size=512)
 
@@ -253,3 +257,43 @@ def test_fast_path_leaves_inputs_untouched():
     assert result.path == "pooled-linear"
     with torch.no_grad():
         assert torch.equal(split.trunk(x).activation, before)
+
+
+def test_the_self_check_runs_the_compiled_walk(monkeypatch):
+    """A kernel that drifts from the head (here: 1% off) is caught by the check, which runs the very
+    op the run would, and the generic path takes over."""
+    real = ops.linear_walk_
+
+    def drifting(start, deltas, *rest):
+        real(start, deltas * 1.01, *rest)
+
+    monkeypatch.setattr(ops, "linear_walk_", drifting)
+    model = tiny_pooled(nn.Identity())
+    x = torch.randn(1, 3, 4, 4)
+    with pytest.warns(RuntimeWarning, match="pooled-linear path differs from the head"):
+        result = ShapCAM(model, [model[1]], n_permutations=4).explain(x)[0]
+    assert result.path == "generic"
+
+
+def test_an_in_place_tail_never_writes_into_what_the_walk_keeps():
+    """VGG's classifier runs ReLU(inplace=True) on the first Linear's output, which the local-pool
+    walk keeps as its start; sizing the tail's memory once ran it on that very tensor, and with
+    small biases the corrupted start passed the self-check (issue 18.1)."""
+    model = copy.deepcopy(calibrated("vgg16"))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for layer in model.classifier:
+            if isinstance(layer, nn.Linear):
+                layer.bias.normal_(0, 0.01)
+    split = split_model(model, "features.29")
+    proof = paths.proof_of(split)
+    with torch.no_grad():
+        out = split.trunk(torch.randn(2, 3, 64, 64))
+        game = Game(layer="features.29", head=split.head, grid=PlayerGrid(out.activation), players=out.activation,
+                    baseline=torch.tensor(0.0), held=out.held, batched=(True,) * len(out.held),
+                    targets=(ClassTarget(1), ClassTarget(2)), images=slice(0, 2), scorer=Scorer(),
+                    planner=MemoryPlanner(1 << 30), permutations=6)
+        walk = paths.evaluator_for(game, proof)
+        expected = proof.pattern.front(proof.pattern.body(game.base_map(), *game.held))
+    assert walk.path == "local-pool-linear" and (expected < 0).any()
+    assert torch.equal(walk.start, expected)

@@ -14,10 +14,11 @@ from torch.utils._pytree import tree_leaves
 
 import numerics
 from exact import exact_shapley
-from shapcam_ext import ShapCAM, fastpath
-from shapcam_ext.fastpath import incremental, prove
-from shapcam_ext.fastpath.recompute import RecomputeWalk
+from shapcam_ext import ShapCAM, paths
+from shapcam_ext.paths import incremental, prove
+from shapcam_ext.paths.recompute import RecomputeWalk
 from shapcam_ext.head import split_model
+from shapcam_ext.game import Game
 from shapcam_ext.memory import MemoryPlanner
 from shapcam_ext.players import PlayerGrid
 from shapcam_ext.targets import ClassifierOutputSoftmaxTarget, ClassTarget, Scorer
@@ -241,9 +242,11 @@ def test_walks_leave_their_inputs_untouched(strategy):
         grid = PlayerGrid(out.activation)
         players, held = grid.players, out.held
         before = [t.clone() for t in (players, *held)]
-        targets = [ClassTarget(1), ClassTarget(4)]
-        walk = fastpath.prepare(pattern, split.head, grid, players, held, targets, torch.tensor(0.5),
-                                MemoryPlanner(1 << 30), Scorer(), 8)
+        game = Game(layer="features.7.1", head=split.head, grid=grid, players=players, baseline=torch.tensor(0.5),
+                    held=held, batched=tuple(isinstance(h, torch.Tensor) and h.dim() > 0 for h in held),
+                    targets=(ClassTarget(1), ClassTarget(4)), images=slice(0, 2), scorer=Scorer(),
+                    planner=MemoryPlanner(1 << 30), permutations=8)
+        walk = paths.evaluator_for(game, paths.proof_of(split))
         walk.values(torch.stack([torch.randperm(4) for _ in range(3)]))
     assert walk.path == WALKS[strategy]
     assert all(torch.equal(a, b) for a, b in zip(before, (players, *held)))

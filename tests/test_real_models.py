@@ -7,7 +7,9 @@ model is left as it was given.
 """
 from __future__ import annotations
 
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -15,6 +17,7 @@ import timm
 import torch
 import torchvision
 from exact import exact_shapley
+from tutorials import ResnetFeatureExtractor, fasterrcnn_reshape_transform
 from pytorch_grad_cam.utils.model_targets import (
     ClassifierOutputSoftmaxTarget,
     ClassifierOutputTarget,
@@ -24,6 +27,7 @@ from pytorch_grad_cam.utils.model_targets import (
 from torch import nn
 
 from shapcam_ext import ShapCAM
+from shapcam_ext.model_state import eval_semantics
 
 
 def assert_efficient(result):
@@ -71,6 +75,65 @@ def test_modes_are_restored_after_an_error():
     with pytest.raises(ValueError, match="targets for a batch"):
         cam.explain(torch.randn(1, 3, 32, 32), [ClassifierOutputTarget(1)] * 3)
     assert all(m.training for m in model.modules())
+
+
+def test_concurrent_calls_give_the_sequential_maps_and_leave_the_model_untouched():
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).train()
+    model.layer2.eval()
+    modes = {name: m.training for name, m in model.named_modules()}
+    before = state_of(model)
+    cam = ShapCAM(model, [model.layer4[-1]], n_permutations=16)
+    threads, calls = 4, 3
+    inputs = [[torch.randn(1, 3, 64, 64) for _ in range(calls)] for _ in range(threads)]
+    sequential = [[cam.explain(x)[0].shapley for x in xs] for xs in inputs]
+    start = threading.Barrier(threads)
+
+    def explain(xs):
+        start.wait()
+        return [cam.explain(x)[0].shapley for x in xs]
+
+    with ThreadPoolExecutor(threads) as pool:
+        concurrent = list(pool.map(explain, inputs))
+    assert all(torch.equal(c, s) for cs, ss in zip(concurrent, sequential) for c, s in zip(cs, ss))
+    assert {name: m.training for name, m in model.named_modules()} == modes
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), "parameters or buffers changed"
+
+
+def test_interleaved_blocks_restore_the_modes_they_found():
+    """Thread b tries to enter while a is inside; a must exit before b enters, or b saves a's eval
+    modes and restores them last (enter a, enter b, exit a, exit b leaves the model in eval)."""
+    model = nn.Sequential(nn.Linear(2, 2), nn.Dropout()).train()
+    inside_a, b_entered, a_exited = threading.Event(), threading.Event(), threading.Event()
+
+    def b():
+        inside_a.wait()
+        with eval_semantics(model):
+            b_entered.set()
+            a_exited.wait(timeout=1.0)
+
+    thread = threading.Thread(target=b)
+    thread.start()
+    with eval_semantics(model):
+        inside_a.set()
+        b_entered.wait(timeout=1.0)  # b waits for the lock: a goes on after the timeout
+    a_exited.set()
+    thread.join()
+    assert b_entered.is_set()
+    assert all(m.training for m in model.modules())
+
+
+def test_a_compiled_model_is_explained_as_the_model_it_wraps():
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    x = torch.randn(2, 3, 64, 64)
+    eager = ShapCAM(model, ["layer4"], n_permutations=8).explain(x)
+    compiled = torch.compile(model)
+    for layer in (compiled.layer4, "layer4", "_orig_mod.layer4"):
+        results = ShapCAM(compiled, [layer], n_permutations=8).explain(x)
+        assert [r.path for r in results] == [r.path for r in eager] == ["pooled-linear"] * 2
+        assert all(torch.equal(c.shapley, e.shapley) and c.layer == "layer4" for c, e in zip(results, eager))
 
 
 # --------------------------------------------------------------------- Vision Transformers
@@ -210,18 +273,6 @@ def test_semantic_segmentation_target_on_torchvision_models(arch):
 # ----------------------------------------------------------------- embeddings (the tutorial)
 
 
-class ResnetFeatureExtractor(nn.Module):
-    """pytorch-grad-cam's tutorial feature extractor: the pooled embedding before the classifier."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-        self.feature_extractor = nn.Sequential(*list(self.model.children())[:-1])
-
-    def __call__(self, x):
-        return self.feature_extractor(x)[:, :, 0, 0]
-
-
 class SimilarityToConceptTarget:
     """pytorch-grad-cam's tutorial target: cosine similarity to a concept's embedding."""
 
@@ -243,6 +294,9 @@ def test_similarity_to_concept_on_a_feature_extractor():
     targets = [SimilarityToConceptTarget(concept_features)]
     with ShapCAM(model=model, target_layers=target_layers, exact=True) as cam:  # layer4 is 2 x 2
         result = cam.explain(image, targets)[0]
+    # The extractor defines __call__, not forward: traced through it, so the pooled fast path (the
+    # hook path, "generic", reran the model per coalition: 40 minutes at the default K at 224 px).
+    assert result.path == "pooled"
     block = model.model.layer4[-1]
     act = {}
     handle = block.register_forward_hook(lambda m, i, o: act.setdefault("out", o))
@@ -261,15 +315,42 @@ def test_similarity_to_concept_on_a_feature_extractor():
 # ------------------------------------------------------------------ detection (the tutorial)
 
 
-def test_faster_rcnn_box_score_target_through_the_hook_path(capsys):
+def faster_rcnn(size: int):
+    """Random-weight Faster R-CNN R50-FPN in float64 at ``size`` px, an image, its outputs, and
+    the tutorial's target on its first two boxes."""
     torch.manual_seed(0)
     model = torchvision.models.detection.fasterrcnn_resnet50_fpn(
-        weights=None, weights_backbone=None, min_size=64, max_size=64, box_score_thresh=0.0).eval().double()
-    x = torch.rand(1, 3, 64, 64, dtype=torch.float64)
+        weights=None, weights_backbone=None, min_size=size, max_size=size, box_score_thresh=0.0).eval().double()
+    x = torch.rand(1, 3, size, size, dtype=torch.float64)
     with torch.no_grad():
         outputs = model(x)
     boxes, labels = outputs[0]["boxes"][:2].numpy(), outputs[0]["labels"][:2].tolist()
-    targets = [FasterRCNNBoxScoreTarget(labels=labels, bounding_boxes=boxes)]
+    return model, x, outputs, [FasterRCNNBoxScoreTarget(labels=labels, bounding_boxes=boxes)]
+
+
+def test_faster_rcnn_tutorial_at_the_backbone():
+    """The tutorial's target_layers=[model.backbone]: an OrderedDict of FPN levels, each masked
+    over the cells of the transform's grid (2 x 2 at 96 px)."""
+    model, x, outputs, targets = faster_rcnn(96)
+    with pytest.warns(UserWarning, match="hook path"):
+        cam = ShapCAM(model, target_layers=[model.backbone], reshape_transform=fasterrcnn_reshape_transform,
+                      n_permutations=1, antithetic=False)
+    result = cam.explain(x, targets)[0]
+    assert result.shapley.shape == (2, 2)
+    assert_efficient(result)
+    # The coalitions of every player and of none, outside the engine: the model as it is, and
+    # with every level of the backbone's output zeroed.
+    handle = model.backbone.register_forward_hook(
+        lambda module, args, levels: {key: torch.zeros_like(level) for key, level in levels.items()})
+    with torch.no_grad():
+        empty = model(x)
+    handle.remove()
+    assert result.value_full == pytest.approx(float(targets[0](outputs[0])), rel=1e-9)
+    assert result.value_empty == pytest.approx(float(targets[0](empty[0])), rel=1e-9, abs=1e-12)
+
+
+def test_faster_rcnn_box_score_target_through_the_hook_path(capsys):
+    model, x, _, targets = faster_rcnn(64)
     with pytest.warns(UserWarning, match="hook path"):  # detection models do not trace with fx
         cam = ShapCAM(model, [model.backbone.body.layer4], n_permutations=2)  # 2 x 2 map: 4 players
     start = time.perf_counter()

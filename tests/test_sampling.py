@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import itertools
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shapcam_ext.sampling import DESIGNS, MAX_BLOCK_ROWS, PermutationStream
+from shapcam_ext.sampling import DESIGNS, MAX_BLOCK_ROWS, PermutationStream, seeded_generator
 
 CHI2_999 = {23: 49.73, 119: 173.6}  # chi-square quantiles at 99.9%, by degrees of freedom
 
@@ -78,3 +79,21 @@ def test_a_seed_fixes_the_sequence_however_it_is_taken(design):
 def test_unknown_design_is_refused():
     with pytest.raises(ValueError, match="design must be one of"):
         stream(4, "sobol")
+
+
+@pytest.mark.parametrize("seed", [2**32, 2**32 + 5, 2**64 - 1])
+def test_a_64_bit_seed_sets_the_cpu_twister_from_all_its_bits(seed):
+    """The CPU draws are the reference Mersenne Twister's seeded by init_by_array on the seed's two
+    words (numpy's legacy MT19937), not those of its low word, which torch alone would keep."""
+    low, high = seed & 0xFFFFFFFF, seed >> 32
+    draws = torch.rand(1000, generator=seeded_generator(seed, torch.device("cpu")))
+    # torch.rand's float32 is the low 24 bits of one 32-bit draw, scaled.
+    words = np.random.RandomState(np.array([low, high], dtype=np.uint32)).randint(0, 2**32, 1000, dtype=np.uint64)
+    assert torch.equal(draws, torch.from_numpy((words & (2**24 - 1)) * 2.0**-24).float())
+    assert not torch.equal(draws, torch.rand(1000, generator=torch.Generator().manual_seed(low)))
+    assert torch.equal(stream(49, seed=seed).take(98), stream(49, seed=seed).take(98))
+
+
+def test_a_seed_below_2_to_the_32_keeps_torch_seeding():
+    assert torch.equal(torch.rand(100, generator=seeded_generator(5, torch.device("cpu"))),
+                       torch.rand(100, generator=torch.Generator().manual_seed(5)))

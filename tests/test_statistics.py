@@ -2,6 +2,9 @@
 tolerance stop delivers the error it promises."""
 from __future__ import annotations
 
+import math
+from statistics import NormalDist
+
 import pytest
 import torch
 from exact import exact_shapley
@@ -9,7 +12,7 @@ from torch import nn
 
 from shapcam_ext import ShapCAM
 from shapcam_ext.sampling import PermutationStream
-from shapcam_ext.statistics import MIN_UNITS_TO_STOP, RunningEstimate
+from shapcam_ext.statistics import MIN_UNITS_TO_STOP, RunningEstimate, t_quantile
 from shapcam_ext.targets import ClassifierOutputSoftmaxTarget
 
 
@@ -103,3 +106,55 @@ def test_relative_error_bound_is_infinite_until_enough_units():
     estimate.total_sq += 1.0
     estimate.permutations = 2
     assert torch.isinf(estimate.relative_error_bound()).all()
+
+
+def test_per_position_intervals_cover_their_confidence():
+    """With the 8 Latin blocks of a short run, the t intervals cover each exact value 90% of the
+    time, where the normal quantile's +-1.645 SE covers about 85%."""
+    model = interacting_model()
+    torch.manual_seed(1)
+    x = torch.randn(1, 3, 3, 3)  # 9 players; K = 144 is 8 blocks of a full 9 x 9 square and reverses
+    category = int(model(x).argmax())
+    phi = exact_values(model, x, category)
+    inside_t = inside_normal = 0
+    seeds, z = 200, NormalDist().inv_cdf(0.95)
+    for seed in range(seeds):
+        result = ShapCAM(model, [model[1]], n_permutations=144, seed=seed).explain(
+            x, [ClassifierOutputSoftmaxTarget(category)])[0]
+        assert result.units == MIN_UNITS_TO_STOP
+        low, high = result.interval(0.9)
+        inside_t += int(((low.flatten() <= phi) & (phi <= high.flatten())).sum())
+        inside_normal += int(((result.shapley.flatten() - phi).abs() <= z * result.std_error.flatten()).sum())
+    # 1800 position-runs (9 per seed, correlated) estimate a coverage to about +-1.5 points.
+    assert 0.87 <= inside_t / (seeds * 9) <= 0.93, inside_t / (seeds * 9)
+    assert inside_normal / (seeds * 9) < 0.87, "the normal interval covers 90% here: the test cannot tell t from it"
+
+
+def test_interval_is_undefined_for_one_unit_and_exact_for_enumeration():
+    model = pooled_model()
+    x = torch.randn(1, 3, 2, 2)
+    one = ShapCAM(model, [model[1]], n_permutations=1).explain(x)[0]
+    with pytest.raises(ValueError, match="single unit of permutations"):
+        one.interval()
+    exact = ShapCAM(model, [model[1]], exact=True).explain(x)[0]
+    low, high = exact.interval(0.99)
+    assert torch.equal(low, exact.shapley) and torch.equal(high, exact.shapley)
+
+
+@pytest.mark.parametrize("confidence", [1e-6, 0.5, 0.9, 0.95, 0.99, 0.9999])
+def test_t_quantile_matches_closed_forms_and_the_normal_limit(confidence):
+    """Student's t has closed-form quantiles for 1 (Cauchy) and 2 degrees of freedom, and tends to
+    the normal as they grow (by about z (z^2 + 1) / (4 dof), A&S 26.7.5)."""
+    assert t_quantile(confidence, 1) == pytest.approx(math.tan(math.pi * confidence / 2), rel=1e-9)
+    assert t_quantile(confidence, 2) == pytest.approx(confidence * math.sqrt(2 / (1 - confidence**2)), rel=1e-9)
+    z = NormalDist().inv_cdf((1 + confidence) / 2)
+    dof = 10**5
+    assert t_quantile(confidence, dof) == pytest.approx(z + z * (z * z + 1) / (4 * dof), rel=1e-8)
+    assert t_quantile(confidence, 7) > t_quantile(confidence, 8) > z
+
+
+def test_t_quantile_agrees_with_scipy():
+    stats = pytest.importorskip("scipy.stats")
+    for dof in (3, 7, 8, 30, 1000):
+        for confidence in (0.5, 0.9, 0.99):
+            assert t_quantile(confidence, dof) == pytest.approx(stats.t.ppf((1 + confidence) / 2, dof), rel=1e-9)

@@ -20,18 +20,18 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
-from functools import cached_property
-from typing import Any, Callable, List, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
 from shapcam_ext.adapters import import_optional
 from shapcam_ext.cam import ShapCAM
-from shapcam_ext.model_state import eval_semantics
+from shapcam_ext.head import LayerInput
 from shapcam_ext.targets import ClassifierOutputTarget, Target
 
 LayerAttribution = import_optional("captum.attr", "captum").LayerAttribution
+log_usage = import_optional("captum.log", "captum").log_usage
 
 TargetType = Union[None, int, Tuple[int, ...], Tensor, List[Any]]
 
@@ -54,29 +54,50 @@ class LayerShapCAM(LayerAttribution):
     this adapter can reach (``forward_func`` when it is a module, and ``layer``) are run in eval
     mode and then restored; put the rest of a plain callable's model in eval mode yourself.
 
+    The signature is Captum's ``LayerGradCam``'s (plus the sampling settings and
+    ``return_convergence_delta``), so code written for it switches by changing the class;
+    ``has_convergence_delta()`` is True, so Captum's ``NoiseTunnel`` passes deltas through.
+
     Args:
         forward_func: the model, or any callable ``forward_func(*inputs, *additional_forward_args)``
             returning a (N, ...) tensor that calls ``layer`` once.
         layer: the module whose output positions are attributed.
+        device_ids: Captum's list of devices for a ``forward_func`` that applies a DataParallel
+            model; only None is taken: the engine runs the model on one device.
         **options: the sampling settings of :class:`shapcam_ext.ShapCAM` (``n_permutations``,
             ``seed``, ``group_size``, ``baseline``, ``reshape_transform``, ...).
 
     Raises:
         TypeError: ``layer`` is not a module.
+        ValueError: ``device_ids`` is given.
     """
 
-    def __init__(self, forward_func: Callable[..., Tensor], layer: nn.Module, **options: Any) -> None:
+    def __init__(self, forward_func: Callable[..., Tensor], layer: nn.Module,
+                 device_ids: Optional[List[int]] = None, **options: Any) -> None:
         if not isinstance(layer, nn.Module):
             raise TypeError(f"layer must be a torch.nn.Module, as in Captum; got {type(layer).__name__}")
-        super().__init__(forward_func, layer)
+        if device_ids is not None:
+            raise ValueError("LayerShapCAM runs the model on one device and takes no device_ids; pass the model "
+                             "inside the DataParallel (its .module) as forward_func")
+        super().__init__(forward_func, layer, device_ids)
         self.options = options
         self._holds_layer = isinstance(forward_func, nn.Module) and any(m is layer for m in forward_func.modules())
+        self._direct: Dict[bool, ShapCAM] = {}  # by attribute_to_layer_input
 
+    def has_convergence_delta(self) -> bool:
+        """True: ``attribute(..., return_convergence_delta=True)`` also returns the deltas."""
+        return True
+
+    @log_usage()  # as Captum's own methods: NoiseTunnel calls attribute.__wrapped__
     def attribute(
         self,
         inputs: Union[Tensor, Tuple[Tensor, ...]],
         target: TargetType = None,
         additional_forward_args: Any = None,
+        attribute_to_layer_input: bool = False,
+        relu_attributions: bool = False,
+        attr_dim_summation: bool = True,
+        grad_kwargs: Optional[Dict[str, Any]] = None,
         return_convergence_delta: bool = False,
     ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
         """Signed Shap-CAM of ``layer`` for each example.
@@ -91,8 +112,15 @@ class LayerShapCAM(LayerAttribution):
             additional_forward_args: passed to ``forward_func`` after the inputs, as in Captum:
                 one value, or a tuple of them; tensors (other than 0-d ones) are batched along
                 dimension 0 with the inputs.
+            attribute_to_layer_input: attribute the positions of the layer's input (the one
+                tensor it is called on) instead of its output.
+            relu_attributions: ReLU the map, as in Captum (GradCAM's original, non-negative form).
+            attr_dim_summation: only True: a player is a position with all of its channels, so
+                the map holds one value per position, as Captum's channel sum does.
+            grad_kwargs: only None: Shap-CAM evaluates the model and takes no gradients.
             return_convergence_delta: also return, per example, the map's sum minus
-                (f(inputs) - f(baseline activation)), f being ``forward_func`` at ``target``.
+                (f(inputs) - f(baseline activation)), f being ``forward_func`` at ``target``
+                (of the ReLU'd map with ``relu_attributions``).
 
         Returns:
             The (N, 1, h, w) map, with the inputs' dtype (the default float dtype for integer
@@ -101,20 +129,28 @@ class LayerShapCAM(LayerAttribution):
 
         Raises:
             ValueError: inputs or tensor arguments without a common batch, a target that does not
-                pick one value per example, or bad sampling settings (checked when the layer is cut).
+                pick one value per example, bad sampling settings (checked when the layer is cut),
+                ``attr_dim_summation=False`` or ``grad_kwargs``.
             shapcam_ext.BatchError: some examples could not be explained (non-finite activations).
         """
+        if not attr_dim_summation:
+            raise ValueError("Shap-CAM values a position with all of its channels, so there are no per-channel "
+                             "attributions; drop attr_dim_summation=False")
+        if grad_kwargs is not None:
+            raise ValueError("Shap-CAM takes no gradients, so grad_kwargs has no use; drop it")
         inputs = inputs if isinstance(inputs, tuple) else (inputs,)
         args = _as_tuple(additional_forward_args)
-        explainer, engine_input = self._explainer(inputs, args)
-        with eval_semantics(explainer.model):
-            output = explainer.model(engine_input)
-            indices = _target_indices(target, output)
-            results = explainer.explain(engine_input, [_engine_target(i, output) for i in indices])
+        explainer, engine_input = self._explainer(inputs, args, attribute_to_layer_input)
+        prepared = explainer.prepare(engine_input)  # the one forward pass: the output and the layer's activation
+        output = prepared.outputs
+        indices = _target_indices(target, output)
+        results = explainer.estimate(prepared, [_engine_target(i, output) for i in indices])
 
         dtype = inputs[0].dtype if inputs[0].is_floating_point() else torch.get_default_dtype()
         maps = torch.stack([r.feature_map for r in results])[:, None]
         maps = maps.to(inputs[0].device, dtype)
+        if relu_attributions:
+            maps = maps.clamp_min(0)
         if not return_convergence_delta:
             return maps
         full = torch.stack([output[(b, *index)] for b, index in enumerate(indices)]).double().cpu()
@@ -122,18 +158,18 @@ class LayerShapCAM(LayerAttribution):
         delta = maps.double().sum((1, 2, 3)).cpu() - (full - empty)
         return maps, delta.to(inputs[0].device, dtype)
 
-    @cached_property
-    def _direct(self) -> ShapCAM:
-        """The explainer of ``forward_func`` itself, cut once on first use."""
-        return ShapCAM(self.forward_func, [self.layer], **self.options)
-
-    def _explainer(self, inputs: Tuple[Tensor, ...], args: Tuple[Any, ...]) -> Tuple[ShapCAM, Tensor]:
-        """The engine's explainer for this call and the one tensor it is run on."""
+    def _explainer(self, inputs: Tuple[Tensor, ...], args: Tuple[Any, ...],
+                   at_input: bool) -> Tuple[ShapCAM, Tensor]:
+        """The engine's explainer for this call and the one tensor it is run on; the explainer of
+        ``forward_func`` itself is cut once, on first use."""
+        cut = LayerInput(self.layer) if at_input else self.layer
         if self._holds_layer and len(inputs) == 1 and not args:
-            return self._direct, inputs[0]
+            if at_input not in self._direct:
+                self._direct[at_input] = ShapCAM(self.forward_func, [cut], **self.options)
+            return self._direct[at_input], inputs[0]
         bound = _BoundForward(self.forward_func, self.layer, inputs, args)
         # Cut afresh per call: a traced cut holds this call's inputs as constants.
-        return ShapCAM(bound, [self.layer], **self.options), torch.arange(bound.batch, device=inputs[0].device)
+        return ShapCAM(bound, [cut], **self.options), torch.arange(bound.batch, device=inputs[0].device)
 
 
 class _BoundForward(nn.Module):

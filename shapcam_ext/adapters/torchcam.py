@@ -123,11 +123,13 @@ class ShapCAM(_CAM):
         else:
             classes = [class_idx] * batch if isinstance(class_idx, int) else class_idx
             worth = [ClassifierOutputSoftmaxTarget(c) for c in classes]
+        # torchcam's own switches: the engine's forward pass runs in eval mode and leaves the hooked state alone
+        with self._hooks_off(), self._eval_mode():
+            prepared = self.cam.prepare(self._input)  # one forward pass for every target layer
         cams = []
         for layer, activation in enumerate(self.hook_a):
-            # torchcam's own switches: the engine's forward passes run in eval mode and leave the hooked state alone
             with self._hooks_off(), self._eval_mode():
-                results = self.cam.explain(self._input, worth, layer)
+                results = self.cam.estimate(prepared, worth, layer)
             cam = torch.stack([r.feature_map for r in results]).to(activation)
             cams.append(self._normalize(cam.clamp_min(0)) if normalized else cam)
         return cams

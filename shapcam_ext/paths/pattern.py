@@ -6,7 +6,7 @@ A head qualifies when it reads the activation only through, in this order:
   position (elementwise ops, also with held or constant tensors; 1x1 convolutions; eval-mode
   batch norm; layer norm and Linear over the channels of an NHWC permute); before a global
   average pool, also convolutions that mix a bounded neighbourhood (k x k, strided, grouped,
-  zero-padded), which the incremental walks of :mod:`shapcam_ext.fastpath.incremental` follow;
+  zero-padded), which the incremental walks of :mod:`shapcam_ext.paths.incremental` follow;
 * one pool: a global average pool, or a non-overlapping local max/avg pool of at most 4 cells;
 * the front: a chain of flatten, eval-mode dropout, identity, at most one Linear and, after a
   local pool, one adaptive average pool (a fixed linear map);
@@ -27,7 +27,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from shapcam_ext.fxutils import bound_arguments, descendants, extract
+from shapcam_ext.fxutils import bound_arguments, descendants, extract, protect_inputs
 from shapcam_ext.head import SplitModel
 
 NCHW, NHWC = "nchw", "nhwc"
@@ -205,11 +205,12 @@ def _prove(gm: fx.GraphModule) -> HeadPattern:
     tail_nodes = reads_act - set(layouts) - chain
     _check_inputs(tail_nodes, end, static)
     output = next(n for n in reversed(graph.nodes) if n.op == "output")
-    tail = None if output.args[0] is end else extract(gm, graph, [end], output.args[0])
+    # the walks keep the parts' inputs (the start, the tabulated maps): no part may write into them
+    tail = None if output.args[0] is end else protect_inputs(extract(gm, graph, [end], output.args[0]), gm)
     local = gm.get_submodule(pool.target) if kind == "local" else None
     return HeadPattern(
-        pool=kind, body=extract(gm, graph, placeholders, pool_input),
-        front=extract(gm, graph, [pool_input], end), tail=tail, linear=linear,
+        pool=kind, body=protect_inputs(extract(gm, graph, placeholders, pool_input), gm),
+        front=protect_inputs(extract(gm, graph, [pool_input], end), gm), tail=tail, linear=linear,
         local_pool=local, window=_pair(local.kernel_size) if local is not None else (1, 1), adaptive=adaptive,
         local=LocalBody(frozenset(convs), {node.name: layout for node, layout in layouts.items()}) if convs else None,
     )

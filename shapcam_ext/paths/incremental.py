@@ -1,8 +1,8 @@
 """Exact incremental walks for heads that mix positions locally before a global average pool.
 
 There are two exact ways to walk such a head, and the generic path is a third; their costs differ
-by orders of magnitude with the body, the map and the number of permutations K, so ``prepare``
-estimates each in flops per image and takes the cheapest:
+by orders of magnitude with the body, the map and the number of permutations K, so
+:func:`incremental_walk` estimates each in flops per image and takes the cheapest:
 
 * generic: the whole head on every prefix, K (n+1) full evaluations of the body;
 * recompute (:mod:`.recompute`): at each of the K n steps, the body on the boxes that the
@@ -26,13 +26,13 @@ from typing import Optional
 
 from torch import Tensor
 
-from shapcam_ext.fastpath.pattern import HeadPattern
-from shapcam_ext.fastpath.receptive import BodyPlan, plan_body
-from shapcam_ext.fastpath.recompute import RecomputeWalk
-from shapcam_ext.fastpath.running import RunningWalk, Walk, tail_bytes_per_row
-from shapcam_ext.fastpath.table import MAX_BITS, FootprintStates, FootprintSteps, footprint_bits
-from shapcam_ext.memory import MemoryPlanner
-from shapcam_ext.targets import Scorer, Target
+from shapcam_ext.game import Game
+from shapcam_ext.paths.pattern import HeadPattern
+from shapcam_ext.paths.protocol import Evaluator
+from shapcam_ext.paths.receptive import BodyPlan, plan_body
+from shapcam_ext.paths.recompute import RecomputeWalk
+from shapcam_ext.paths.running import RunningWalk, tail_bytes_per_row
+from shapcam_ext.paths.table import MAX_BITS, FootprintStates, FootprintSteps, footprint_bits
 
 GENERIC, RECOMPUTE, TABLE = "generic", "recompute", "table"
 # The recompute walk gathers and scatters its boxes and runs each layer once per step on K rows
@@ -82,25 +82,23 @@ def estimate(pattern: HeadPattern, players: Tensor, base_map: Tensor, held: tupl
     return Estimate(plan, start, costs, states)
 
 
-def prepare(pattern: HeadPattern, players: Tensor, base_map: Tensor, held: tuple, targets: list[Target],
-            scorer: Scorer, planner: MemoryPlanner, permutations: int) -> Optional[Walk]:
-    """The cheapest exact walk for ``permutations`` permutations of these images, or None when
-    the generic path is cheaper or a runtime shape does not fit."""
-    found = estimate(pattern, players, base_map, held, permutations, planner.budget)
+def incremental_walk(game: Game, pattern: HeadPattern) -> Optional[Evaluator]:
+    """The cheapest exact walk for the game's permutations, or None when the generic path is
+    cheaper or a runtime shape does not fit."""
+    found = estimate(pattern, game.players, game.base_map(), game.held, game.permutations, game.planner.budget)
     if found is None:
         return None
     choice = choose(found.costs)
     if choice == GENERIC:
         return None
     plan, start, states = found.plan, found.start, found.states
-    tail_row = tail_bytes_per_row(pattern.tail, start, targets, scorer)
+    tail_row = tail_bytes_per_row(pattern.tail, start, game)
     if choice == RECOMPUTE:
-        return RecomputeWalk(plan, pattern.front, pattern.tail, start, targets, scorer, planner, tail_row)
-    table = states.build(plan, pattern.linear, planner)
-    b, n, width = players.shape[0], plan.size[0] * plan.size[1], table.shape[-1]
+        return RecomputeWalk(game, plan, pattern.front, pattern.tail, start, tail_row)
+    table = states.build(plan, pattern.linear, game.planner)
+    b, n, width = game.batch, game.n, table.shape[-1]
     per_permutation = b * (n + 1) * (tail_row + 3 * width * table.element_size()) + b * n * states.reach * 6 * 8
-    return RunningWalk("incremental-table", start, FootprintSteps(states, table), pattern.tail, targets, scorer,
-                       planner, n, per_permutation)
+    return RunningWalk("incremental-table", game, start, FootprintSteps(states, table), pattern.tail, per_permutation)
 
 
 def choose(costs: dict[str, float]) -> str:

@@ -18,12 +18,11 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor
 
-from shapcam_ext.fastpath.pattern import NHWC
-from shapcam_ext.fastpath.receptive import BodyPlan, Value
-from shapcam_ext.fastpath.running import Walk
-from shapcam_ext.memory import MemoryPlanner
-from shapcam_ext.reference import permutation_ranks
-from shapcam_ext.targets import Scorer, Target
+from shapcam_ext.game import Game
+from shapcam_ext.ops import permutation_ranks
+from shapcam_ext.paths.pattern import NHWC
+from shapcam_ext.paths.protocol import Evaluator
+from shapcam_ext.paths.receptive import BodyPlan, Value
 
 PRE, STATE, FRESH, MAP, ROWS = "pre", "state", "fresh", "map", "rows"
 
@@ -47,7 +46,7 @@ class _Read:
     layout: str = "nchw"
 
 
-class RecomputeWalk(Walk):
+class RecomputeWalk(Evaluator):
     """Walks a locally mixing body by recomputing, at each step, the boxes that can change.
 
     plan: the body's plan. front, tail: the head after the body (tail None when the front's
@@ -55,11 +54,13 @@ class RecomputeWalk(Walk):
     tail_row_bytes: bytes the tail and the target allocate per row.
     """
 
-    def __init__(self, plan: BodyPlan, front: Callable, tail: Optional[Callable], start: Tensor,
-                 targets: list[Target], scorer: Scorer, planner: MemoryPlanner, tail_row_bytes: int):
+    path = "incremental-recompute"
+
+    def __init__(self, game: Game, plan: BodyPlan, front: Callable, tail: Optional[Callable], start: Tensor,
+                 tail_row_bytes: int):
         h, w = plan.size
         b = start.shape[0]
-        self.plan, self.front, self.tail, self.targets, self.scorer = plan, front, tail, targets, scorer
+        self.plan, self.front, self.tail = plan, front, tail
         device = start.device
         self.order = [node for node, value in plan.values.items() if not value.pre]
         self.kept = {plan.output}
@@ -80,14 +81,21 @@ class RecomputeWalk(Walk):
                        for reads in self.reads.values() for u, read in reads.items() if read.kind == PRE}
         self.maps = {u: _position_major(plan.keep[u], read.layout)
                      for reads in self.reads.values() for u, read in reads.items() if read.kind == MAP}
-        self.empty = scorer(targets, start if tail is None else tail(start), 1).double()  # (B, 1)
+        self.empty = game.scorer(game.targets, start if tail is None else tail(start), 1).double()  # (B, 1)
         element = start.element_size()
         state = sum(_padded_numel(plan.values[u]) for u in self.kept)
         step = sum(self._channels(u, node) * r.index.shape[1] * (3 if r.kind == PRE else 1)
                    for node, reads in self.reads.items() for u, r in reads.items() if r.index is not None)
         step += sum(v.channels * _box_size(v)[0] * _box_size(v)[1] for v in map(plan.values.get, self.order))
-        per_row = (state + step) * element + tail_row_bytes + start[0].numel() * element
-        super().__init__("incremental-recompute", b, h * w, planner, b * per_row + b * (h * w + 1) * 8)
+        per_step = step * element + tail_row_bytes + start[0].numel() * element
+        if game.planner.differentiable:
+            # The backward recomputes the round and keeps every step's values until it runs back
+            # through them: the boxes, the tail, and the kept maps a convolution reads whole (a
+            # step then writes a new one rather than into the one kept).
+            whole = sum(_padded_numel(plan.values[u]) for reads in self.reads.values() for u, r in reads.items()
+                        if r.kind == STATE and r.index is None)
+            per_step = h * w * (per_step + whole * element)
+        super().__init__(game, b * (state * element + per_step) + b * (h * w + 1) * 8)
 
     def _channels(self, source: fx.Node, node: fx.Node) -> int:
         """Channels of an input that ``node`` reads on a box (a held map has ``node``'s size)."""
@@ -154,7 +162,7 @@ class RecomputeWalk(Walk):
                   for u in self.kept}
         rows = {u: plan.keep[u].repeat_interleave(k, 0) for reads in self.reads.values()
                 for u, read in reads.items() if read.kind == ROWS}
-        out = torch.empty(self.batch, k, n + 1, dtype=torch.float64, device=perms.device)
+        out = torch.empty(self.game.batch, k, n + 1, dtype=torch.float64, device=perms.device)
         out[:, :, 0] = self.empty
         output, margin = plan.output, plan.values[plan.output].margin
         for t in range(n):
@@ -167,7 +175,7 @@ class RecomputeWalk(Walk):
             if margin:
                 g = g[:, margin:g.shape[1] - margin, margin:g.shape[2] - margin]
             front = self.front(_in_layout(g, plan.values[output].layout))
-            out[:, :, t + 1] = self.scorer(self.targets, front if self.tail is None else self.tail(front), k)
+            out[:, :, t + 1] = self.game.scorer(self.game.targets, front if self.tail is None else self.tail(front), k)
         return out
 
 
@@ -204,7 +212,11 @@ class _Step:
             return
         state = self.states[node]
         flat = _flat_index(index[self.positions], state, per_row=True)
-        state.view(-1, state.shape[-1]).index_copy_(0, flat, rows.view(-1, rows.shape[-1]))
+        target, source = state.view(-1, state.shape[-1]), rows.view(-1, rows.shape[-1])
+        if torch.is_grad_enabled():  # a convolution may have kept this map for its backward: write a new one
+            self.states[node] = target.index_copy(0, flat, source).view_as(state)
+        else:
+            target.index_copy_(0, flat, source)
 
     def _read(self, source: fx.Node, read: _Read) -> Any:
         if read.kind == FRESH:

@@ -22,7 +22,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from shapcam_ext.fastpath.pattern import NHWC, HeadPattern
+from shapcam_ext.paths.pattern import NHWC, HeadPattern
 from shapcam_ext.fxutils import descendants, mutates_first_arg
 from shapcam_ext.head import expand_held
 

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from shapcam_ext.fastpath.receptive import Axis, BodyPlan
-from shapcam_ext.memory import MemoryPlanner, cost_per_unit
+from shapcam_ext.paths.receptive import Axis, BodyPlan
+from shapcam_ext.memory import MemoryPlanner, cost_per_unit, recomputed
 
 MAX_BITS = 16  # 65536 maps of the body; a larger table never pays for itself
 
@@ -83,7 +83,8 @@ class FootprintStates:
         """(B, rows + 1, D) every state's share of the front output; the last row zero.
 
         The maps are evaluated in chunks under the planner's budget; each chunk fills the rows whose
-        states it holds.
+        states it holds. For a differentiable map the backward recomputes each chunk, so the graph
+        keeps the table's rows, not the body's values on every map.
         """
         def run(maps: int):
             keep = self._keep(self.masks[:maps])
@@ -94,7 +95,7 @@ class FootprintStates:
         shares = None
         for m0 in range(0, len(self.masks), chunk):
             m1 = min(m0 + chunk, len(self.masks))
-            g = plan.evaluate(self._keep(self.masks[m0:m1]))
+            g = recomputed(plan.evaluate, self._keep(self.masks[m0:m1]))
             g = g.reshape(-1, m1 - m0, g.shape[1], self.cells).transpose(2, 3)  # (B, maps, cells, C)
             if shares is None:
                 shares = g.new_empty(g.shape[0], self.rows + 1, g.shape[-1])

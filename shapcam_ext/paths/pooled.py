@@ -1,4 +1,4 @@
-"""Walking permutations through a proven head without running it on masked maps.
+"""The pooled walks: heads that pool a position-wise body, walked without running them on masked maps.
 
 Along a permutation every coalition's head input is the previous one plus a tabulated change:
 
@@ -15,75 +15,64 @@ pooled Linear and the target is a class score, ``ops.linear_walk_`` walks the lo
 from __future__ import annotations
 
 import math
-import warnings
-from typing import Callable, Optional
+from functools import partial
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from shapcam_ext import ops
-from shapcam_ext.fastpath.pattern import HeadPattern
-from shapcam_ext.fastpath import incremental
-from shapcam_ext.fastpath.running import RunningWalk, TableSteps, Walk, tail_bytes_per_row
-from shapcam_ext.memory import MemoryPlanner
-from shapcam_ext.players import PlayerGrid
-from shapcam_ext.reference import permutation_ranks
+from shapcam_ext.game import Game
+from shapcam_ext.memory import cost_per_unit
+from shapcam_ext.ops import permutation_ranks
+from shapcam_ext.paths import differentiable
+from shapcam_ext.paths.pattern import HeadPattern
+from shapcam_ext.paths.running import RunningWalk, TableSteps, tail_bytes_per_row
 from shapcam_ext.statistics import RunningEstimate
-from shapcam_ext.targets import Scorer, Target, class_targets
+from shapcam_ext.targets import class_targets
 
 
 class LinearWalk(RunningWalk):
-    """Pooled head ending in its Linear, class targets: ``ops.linear_walk_`` walks the logits."""
+    """Pooled head ending in its Linear, class targets: ``ops.linear_walk_`` walks the logits.
 
-    def __init__(self, start: torch.Tensor, table: torch.Tensor, targets: list[Target], scorer: Scorer,
-                 planner: MemoryPlanner):
-        classes = class_targets(targets)
+    ``values`` (the running sums in Python) serves the checks; the run accumulates with the op.
+    A differentiable map walks twice per round: the in-place walk for the standard errors and the
+    stop checks, and the differentiable walk (:mod:`.differentiable`), a function of ``start`` and
+    ``table``, which are functions of the activation, the baseline, the body and the Linear.
+    """
+
+    def __init__(self, game: Game, start: torch.Tensor, table: torch.Tensor):
+        classes = class_targets(game.targets)
         b, n, m = table.shape
-        super().__init__("pooled-linear", start, TableSteps(table, _identity_rows), None, targets, scorer, planner,
-                         n, ops.linear_walk_bytes(b, 1, n, m))
+        super().__init__("pooled-linear", game, start, TableSteps(table, _identity_rows), None,
+                         ops.linear_walk_bytes(b, 1, n, m))
         self.table = table
         self.classes = torch.tensor([t.category for t in classes], device=start.device)
         self.softmax = classes[0].softmax
+        if game.planner.differentiable:  # the differentiable walk runs beside the in-place one
+            orders = torch.arange(n, device=start.device).expand(2, n)
+            with torch.no_grad():
+                walked = cost_per_unit(lambda k: partial(self._sums, orders[:k]))[1]
+            self.bytes_per_permutation = max(self.bytes_per_permutation, walked)
 
-    def __call__(self, perms: torch.Tensor, estimate: RunningEstimate) -> None:
-        ops.linear_walk_(self.start, self.table, perms, self.classes, self.softmax, estimate.total,
+    def accumulate(self, perms: torch.Tensor, estimate: RunningEstimate) -> None:
+        if estimate.differentiable:
+            estimate.add_sums(self._sums(perms))
+        ops.linear_walk_(self.start.detach(), self.table.detach(), perms, self.classes, self.softmax, estimate.total,
                          estimate.total_sq, estimate.unit_size)
+
+    def _sums(self, perms: torch.Tensor) -> torch.Tensor:
+        return differentiable.linear_walk(self.start, self.table, perms, self.classes, self.softmax, torch.float64)
 
 
 def _identity_rows(perms: torch.Tensor) -> torch.Tensor:
     return perms
 
 
-def prepare(pattern: HeadPattern, head: Callable, grid: PlayerGrid, players: torch.Tensor, held: tuple,
-            targets: list[Target], baseline: torch.Tensor, planner: MemoryPlanner, scorer: Scorer,
-            permutations: int) -> Optional[Walk]:
-    """The walk for these images, or None when the generic path must run.
-
-    ``permutations``: how many the run walks at most; the incremental paths weigh their costs
-    with it. None when the players are not the plain positions of a 4-D map (groups, tokens),
-    when a runtime shape does not fit the pattern, when the tables exceed the memory budget, when
-    the generic path is cheaper, or (with a warning) when the walk fails or disagrees with the
-    head on probe coalitions.
-    """
-    if grid.group_size != 1 or grid.token_index is not None or players.dim() != 4:
-        return None
-    base_map = baseline.expand_as(players).contiguous()
-    try:
-        if pattern.local is not None:
-            walk = incremental.prepare(pattern, players, base_map, held, targets, scorer, planner, permutations)
-        else:
-            walk = _pooled_walk(pattern, players, base_map, held, targets, planner, scorer)
-        agrees = walk is not None and _agrees_with_head(walk, head, players, base_map, held, targets, scorer)
-    except Exception as err:  # an op the walk runs on boxes or tables in an unforeseen way: generic must still run
-        warnings.warn(f"shapcam_ext: the fast path failed ({type(err).__name__}: {err}); using the generic path. "
-                      "Please report the model and layer.", RuntimeWarning, stacklevel=3)
-        return None
-    return walk if agrees else None
-
-
-def _pooled_walk(pattern: HeadPattern, players: torch.Tensor, base_map: torch.Tensor, held: tuple,
-                 targets: list[Target], planner: MemoryPlanner, scorer: Scorer) -> Optional[RunningWalk]:
+def pooled_walk(game: Game, pattern: HeadPattern) -> Optional[RunningWalk]:
     """The walk of a position-wise body before a global or local pool, or None if it does not fit."""
+    players, held = game.players, game.held
+    base_map = game.base_map()
     g_keep, g_base = pattern.body(players, *held), pattern.body(base_map, *held)
     start = pattern.front(g_base)
     if g_keep.dim() != 4 or g_keep.shape != g_base.shape or g_keep.shape[-2:] != players.shape[-2:] \
@@ -92,18 +81,16 @@ def _pooled_walk(pattern: HeadPattern, players: torch.Tensor, base_map: torch.Te
     if pattern.pool == "global":
         table, step_rows = _pooled_table(pattern, g_keep, g_base, start)
     else:
-        table, step_rows = _window_table(pattern, g_keep, g_base, start, planner.budget)
+        table, step_rows = _window_table(pattern, g_keep, g_base, start, game.planner.budget)
     if table is None:
         return None
-    n = players.shape[-1] * players.shape[-2]
-    b = players.shape[0]
+    n, b = game.n, game.batch
     if pattern.pool == "global" and pattern.tail is None and pattern.linear is not None \
-            and class_targets(targets) is not None:
-        return LinearWalk(start, table, targets, scorer, planner)
-    per_row = tail_bytes_per_row(pattern.tail, start, targets, scorer) + 3 * table.shape[-1] * 4
+            and class_targets(game.targets) is not None:
+        return LinearWalk(game, start, table)
+    per_row = tail_bytes_per_row(pattern.tail, start, game) + 3 * table.shape[-1] * 4
     path = "pooled" if pattern.pool == "global" else "local-pool-linear"
-    return RunningWalk(path, start, TableSteps(table, step_rows), pattern.tail, targets, scorer, planner, n,
-                       b * (n + 1) * per_row)
+    return RunningWalk(path, game, start, TableSteps(table, step_rows), pattern.tail, b * (n + 1) * per_row)
 
 
 def _pooled_table(pattern: HeadPattern, g_keep, g_base, start):
@@ -212,28 +199,3 @@ class _WindowSteps:
         state = ((ranks[:, self.mates] < ranks[:, :, None]) * self.bits).sum(-1)  # mates already in
         rows = torch.where(self.base_row >= 0, self.base_row + self.pair_index[state, self.slot], self.zero_row)
         return rows.gather(1, perms)
-
-
-def _agrees_with_head(walk: Walk, head: Callable, players, base_map, held, targets, scorer) -> bool:
-    """Checks the walk against the head on the empty, a checkerboard and the full coalition."""
-    b, c, h, w = players.shape
-    cells = torch.arange(h * w, device=players.device)
-    first = (cells // w + cells % w) % 2 == 0
-    probe = torch.cat([cells[first], cells[~first]])[None]
-    lengths = [0, int(first.sum()), h * w]
-    fast = walk.values(probe)[:, 0, lengths].double()
-    ranks = permutation_ranks(probe)  # (1, n)
-    keep = (ranks < torch.tensor(lengths, device=players.device)[:, None]).view(3, 1, h, w)
-    masked = torch.where(keep, players[:, None], base_map[:, None]).reshape(b * 3, c, h, w)
-    out = head(masked, *held)
-    generic = scorer(targets, out, 3).double()
-    tolerance = 1e-5 * max(1.0, float(generic.abs().max()))
-    if torch.allclose(fast, generic, rtol=1e-3, atol=tolerance):
-        return True
-    warnings.warn(
-        f"shapcam_ext: the {walk.path} fast path differs from the head by {float((fast - generic).abs().max()):.3g} "
-        "on a probe coalition; using the generic path. Please report the model and layer.",
-        RuntimeWarning, stacklevel=4,
-    )
-    return False
-

@@ -1,0 +1,89 @@
+"""Every way of playing a game, behind one protocol, and the one function that picks among them.
+
+* :mod:`.protocol`: the :class:`Evaluator` every path implements.
+* :mod:`.generic`: the head on masked player grids; any head, any target.
+* :mod:`.pattern`: the proofs, on the head's fx graph, that an exact shortcut applies.
+* :mod:`.pooled` (with :mod:`.running`): heads that pool a position-wise body: walks of the
+  pooled vector or of the logits (``ops.linear_walk_``).
+* :mod:`.incremental` (with :mod:`.receptive`, :mod:`.recompute`, :mod:`.table`): heads that mix
+  positions locally before a global pool: each step recomputes, or looks up, what it changes.
+* :mod:`.selfcheck`: a fast path runs only after agreeing with the head on probe coalitions.
+* :mod:`.differentiable`: the differentiable sums a map's autograd graph is built from.
+
+A new path is one Evaluator subclass and one line in :func:`evaluator_for`.
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+from typing import Optional
+
+from torch import fx
+
+from shapcam_ext.game import Game
+from shapcam_ext.head import SplitModel
+from shapcam_ext.paths.generic import GenericPath
+from shapcam_ext.paths.incremental import incremental_walk
+from shapcam_ext.paths.pattern import HeadPattern, prove
+from shapcam_ext.paths.pooled import pooled_walk
+from shapcam_ext.paths.protocol import Evaluator
+from shapcam_ext.paths.selfcheck import disagreement
+
+logger = logging.getLogger("shapcam_ext")
+
+
+@dataclass(frozen=True)
+class Proof:
+    """What one layer's head was proven to be: its fast pattern (None: not proven, ``reason`` says
+    why) and its fx graph (None on the hook path or for a user's head)."""
+
+    pattern: Optional[HeadPattern]
+    reason: str
+    head: Optional[fx.GraphModule]
+
+
+def proof_of(split: SplitModel, fast_path: bool = True) -> Proof:
+    """The proof for the head of ``split`` (none is attempted when ``fast_path`` is False)."""
+    if not fast_path:
+        return Proof(None, "fast_path=False", split.graph_module)
+    pattern, reason = prove(split)
+    return Proof(pattern, reason, split.graph_module)
+
+
+def evaluator_for(game: Game, proof: Proof) -> Evaluator:
+    """The fastest exact evaluator the head's proven pattern allows for this game, checked against
+    the head; the generic path otherwise, with the reason logged at DEBUG (or warned, when a
+    proven shortcut fails or disagrees with the head: that is a bug to report)."""
+    reason = _not_applicable(game, proof)
+    if reason is not None:
+        logger.debug("Shap-CAM at %r: generic path (%s)", game.layer, reason)
+        return GenericPath(game)
+    pattern = proof.pattern
+    try:
+        walk = incremental_walk(game, pattern) if pattern.local is not None else pooled_walk(game, pattern)
+        problem = None if walk is None else disagreement(walk, game, proof.head)
+    except Exception as err:  # an op the walk runs on boxes or tables in an unforeseen way: generic must still run
+        walk, problem = None, f"failed ({type(err).__name__}: {err})"
+    if problem is not None:
+        warnings.warn(f"shapcam_ext: the {getattr(walk, 'path', 'fast')} path {problem}; using the generic path. "
+                      "Please report the model and layer.", RuntimeWarning, stacklevel=5)
+        return GenericPath(game)
+    if walk is None:
+        logger.debug("Shap-CAM at %r: generic path (cheaper, or a runtime shape does not fit the proof)", game.layer)
+        return GenericPath(game)
+    return walk
+
+
+def _not_applicable(game: Game, proof: Proof) -> Optional[str]:
+    """Why no shortcut can apply to this game, or None."""
+    if proof.pattern is None or proof.head is None:
+        return proof.reason or "no shortcut proven for the head"
+    if game.grid.group_size != 1:
+        return "grouped players"
+    if game.grid.token_index is not None or game.players.dim() != 4:
+        return "the players are not the positions of a 4-D map"
+    return None
+
+
+__all__ = ["Evaluator", "GenericPath", "HeadPattern", "Proof", "evaluator_for", "proof_of", "prove"]
