@@ -24,6 +24,7 @@ from __future__ import annotations
 from typing import Optional, Sequence, Tuple
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from shapcam_ext import reference
 from shapcam_ext._backend import COMPILED
@@ -366,7 +367,8 @@ def linear_walk(
     give a gradient that is not the derivative). The backward (:func:`linear_walk_backward`)
     walks every permutation again, O(K n M) like the forward, and keeps the inputs, ``perms``
     and, on CUDA, three opmath numbers per step of every walk (the softmax's max and sum, and the
-    worth); it has no derivative of its own (no double backward).
+    worth); it has no derivative of its own (no double backward). The reference backend also
+    recomputes its walk in the backward (a checkpoint), and can be differentiated twice.
 
     Args:
         start_logits: (B, M) logits of the empty coalition.
@@ -389,7 +391,10 @@ def linear_walk(
     check_linear_walk_args(start_logits, deltas, perms, classes)
     _check_in_range(perms, deltas.shape[1], PERM_OUT_OF_RANGE)
     _check_classes_in_range(classes, start_logits.shape[1])
-    return reference.linear_walk(start_logits, deltas, perms, classes, softmax, _sum_dtype(dtype, deltas.dtype))
+    # As the compiled backward walks again, the reference's recomputes its walk rather than keep
+    # the (B, K, n+1, M) logits.
+    return checkpoint(reference.linear_walk, start_logits, deltas, perms, classes, softmax,
+                      _sum_dtype(dtype, deltas.dtype), use_reentrant=False)
 
 
 def linear_walk_(
