@@ -66,13 +66,14 @@ class Evaluator(abc.ABC):
     def accumulate(self, perms: torch.Tensor, estimate: RunningEstimate) -> None:
         """Adds the marginal contributions along ``perms`` (whole units) to ``estimate``, and for a
         differentiable estimate their sums with their graph (which keeps the worths and ranks)."""
+        ranks = ops.permutation_ranks(perms)
         if estimate.differentiable:
             values = self.graph_values(perms)
-            estimate.add_sums(differentiable.scatter_marginals(values, ops.permutation_ranks(perms), torch.float64))
+            estimate.add_sums(differentiable.scatter_marginals(values, ranks, torch.float64))
             values = values.detach()
         else:
             values = self.values(perms)
-        ops.scatter_marginals_(values, perms, estimate.total, estimate.total_sq, estimate.unit_size)
+        ops.scatter_marginals_(values, ranks, estimate.total, estimate.total_sq, estimate.unit_size)
 
     def exact_values(self) -> Optional[torch.Tensor]:
         """(B, n) the Shapley values in closed form, for a game whose structure gives them in one
