@@ -5,7 +5,13 @@ blocked_autorange with torch's default thread count. The references are called d
 (shapcam_ext.reference, without the argument checks the fallback path adds), so the speedups
 are conservative. Prints a table and writes JSON to bench/results/ops_<device>.json.
 
-    python bench/bench_ops.py [--device cuda] [--out PATH] [--min-run-time 0.3]
+    python bench/bench_ops.py [--device cuda] [--out PATH] [--min-run-time 0.3] [--quick]
+
+--quick times the first map shape at K = 8 and 64 only, 0.1 s per measurement, and writes
+bench/results/ops_<device>_quick.json.
+
+A round validates and inverts its permutations once (permutation_ranks, its own rows); the ops
+that take ranks (masked_prefixes, scatter_marginals_) are timed on given ranks.
 
 masked_prefixes writes K*(n+1) maps of C*h*w values; where that exceeds --chunk-mib (default
 256 MiB) the benchmark takes all K permutations but only the first prefix lengths that fit, the
@@ -14,7 +20,8 @@ On CUDA its GB/s are set against the GPU's peak memory bandwidth (from the devic
 clock and bus width, else a table of the cards we are lent).
 
 linear_walk_ runs on float32 logits (walked in float) and on float64 logits (walked in double):
-the cost of the precision policy's choice (csrc/shapcam_math.h).
+the cost of the precision policy's choice (csrc/shapcam_math.h). linear_walk_backward (float32)
+is set against autograd through the reference walk.
 """
 from __future__ import annotations
 
@@ -48,18 +55,25 @@ def random_perms(k: int, n: int, device: str) -> torch.Tensor:
     return torch.argsort(torch.rand(k, n), dim=1).to(device)
 
 
+def bench_permutation_ranks(n, k, device, min_run_time):
+    perms = random_perms(k, n, device)
+    compiled = median_seconds(lambda: torch.ops.shapcam.permutation_ranks(perms), min_run_time)
+    ref = median_seconds(lambda: reference.permutation_ranks(perms), min_run_time)
+    return dict(op="permutation_ranks", shape=f"n={n}", K=k, compiled_ms=compiled * 1e3, reference_ms=ref * 1e3)
+
+
 def bench_masked_prefixes(c, h, w, k, device, chunk_bytes, min_run_time):
     n = h * w
     acts = torch.randn(c, h, w, device=device)
     base = acts.mean((1, 2), keepdim=True)
-    perms = random_perms(k, n, device)
+    ranks = reference.permutation_ranks(random_perms(k, n, device))
     map_bytes = c * n * acts.element_size()
     prefixes = max(1, min(n + 1, chunk_bytes // (k * map_bytes)))
-    args = (acts, base, perms, 0, k, 0, prefixes)
+    args = (acts, base, ranks, 0, k, 0, prefixes)
     compiled = median_seconds(lambda: torch.ops.shapcam.masked_prefixes(*args), min_run_time)
     ref = median_seconds(lambda: reference.masked_prefixes(*args), min_run_time)
     maps = k * prefixes
-    moved = maps * map_bytes + 2 * map_bytes + perms.numel() * 8  # written, then read once
+    moved = maps * map_bytes + 2 * map_bytes + ranks.numel() * 8  # written, then read once
     row = dict(op="masked_prefixes", shape=f"{c}x{h}x{w}", K=k, maps=f"{maps}/{k * (n + 1)}",
                mib=round(maps * map_bytes / 2**20, 1), compiled_ms=compiled * 1e3, reference_ms=ref * 1e3)
     row["GB/s"] = moved / compiled / 1e9
@@ -68,10 +82,10 @@ def bench_masked_prefixes(c, h, w, k, device, chunk_bytes, min_run_time):
 
 def bench_scatter_marginals(n, k, device, min_run_time):
     values = torch.randn(k, n + 1, device=device)
-    perms = random_perms(k, n, device)
+    ranks = reference.permutation_ranks(random_perms(k, n, device))
     phi, phi_sq = torch.zeros(n, device=device), torch.zeros(n, device=device)
-    compiled = median_seconds(lambda: torch.ops.shapcam.scatter_marginals_(values, perms, phi, phi_sq), min_run_time)
-    ref = median_seconds(lambda: reference.scatter_marginals_(values, perms, phi, phi_sq), min_run_time)
+    compiled = median_seconds(lambda: torch.ops.shapcam.scatter_marginals_(values, ranks, phi, phi_sq), min_run_time)
+    ref = median_seconds(lambda: reference.scatter_marginals_(values, ranks, phi, phi_sq), min_run_time)
     return dict(op="scatter_marginals_", shape=f"n={n}", K=k, compiled_ms=compiled * 1e3, reference_ms=ref * 1e3)
 
 
@@ -86,6 +100,20 @@ def bench_linear_walk(n, k, device, min_run_time, dtype=torch.float32):
     compiled = median_seconds(lambda: torch.ops.shapcam.linear_walk_(*args), min_run_time)
     ref = median_seconds(lambda: reference.linear_walk_(*args), min_run_time)
     return dict(op="linear_walk_ (softmax)", shape=f"n={n},M={CLASSES},{str(dtype)[6:]}", K=k,
+                compiled_ms=compiled * 1e3, reference_ms=ref * 1e3)
+
+
+def bench_linear_walk_backward(n, k, device, min_run_time):
+    """Both gradients of the float32 softmax walk, summed in float64 as the engine sums."""
+    start = torch.randn(1, CLASSES, device=device)
+    deltas = torch.randn(1, n, CLASSES, device=device) / n
+    perms = random_perms(k, n, device)
+    classes = torch.tensor([7], device=device)
+    grad = torch.randn(1, n, device=device, dtype=torch.float64)
+    args = (grad, start, deltas, perms, classes, True, [True, True])
+    compiled = median_seconds(lambda: torch.ops.shapcam.linear_walk_backward(*args), min_run_time)
+    ref = median_seconds(lambda: reference.linear_walk_backward(*args), min_run_time)
+    return dict(op="linear_walk_backward", shape=f"n={n},M={CLASSES},float32", K=k,
                 compiled_ms=compiled * 1e3, reference_ms=ref * 1e3)
 
 
@@ -124,7 +152,11 @@ def main() -> int:
     parser.add_argument("--out", help="JSON path (default bench/results/ops_<device>.json)")
     parser.add_argument("--chunk-mib", type=int, default=256, help="cap on one masked_prefixes output")
     parser.add_argument("--min-run-time", type=float, default=0.3, help="seconds timed per measurement")
+    parser.add_argument("--quick", action="store_true", help="the first map shape, K = 8 and 64, 0.1 s each")
     args = parser.parse_args()
+    shapes, permutations = (MAP_SHAPES[:1], PERMUTATIONS[:2]) if args.quick else (MAP_SHAPES, PERMUTATIONS)
+    if args.quick:
+        args.min_run_time = 0.1
 
     info = backend_info()
     if info["backend"] != "compiled" or not info[f"{args.device}_kernels"]:
@@ -136,23 +168,27 @@ def main() -> int:
     torch.manual_seed(0)
 
     rows, walk_ms = [], {}
-    for c, h, w in MAP_SHAPES:
-        for k in PERMUTATIONS:
+    for c, h, w in shapes:
+        for k in permutations:
             rows.append(bench_masked_prefixes(c, h, w, k, args.device, args.chunk_mib << 20, args.min_run_time))
-    for n in sorted({h * w for _, h, w in MAP_SHAPES}):
-        for k in PERMUTATIONS:
+    for n in sorted({h * w for _, h, w in shapes}):
+        for k in permutations:
+            rows.append(bench_permutation_ranks(n, k, args.device, args.min_run_time))
+        for k in permutations:
             rows.append(bench_scatter_marginals(n, k, args.device, args.min_run_time))
         for dtype in (torch.float32, torch.float64):
-            for k in PERMUTATIONS:
+            for k in permutations:
                 rows.append(bench_linear_walk(n, k, args.device, args.min_run_time, dtype))
                 walk_ms[n, k, dtype] = rows[-1]["compiled_ms"]
+        for k in permutations:
+            rows.append(bench_linear_walk_backward(n, k, args.device, args.min_run_time))
     for row in rows:
         row["speedup"] = row["reference_ms"] / row["compiled_ms"]
         if args.device == "cpu":
             row.pop("GB/s", None)
 
     meta = dict(device=args.device, torch=torch.__version__, threads=torch.get_num_threads(),
-                machine=platform.processor() or platform.machine(), chunk_mib=args.chunk_mib)
+                machine=platform.processor() or platform.machine(), chunk_mib=args.chunk_mib, quick=args.quick)
     if args.device == "cuda":
         name = torch.cuda.get_device_name()
         meta["device_name"] = name
@@ -174,7 +210,8 @@ def main() -> int:
     slower = [f"{r['op']} {r['shape']} K={r['K']}" for r in rows if r["speedup"] <= 1]
     print("compiled ahead on every shape" if not slower else f"compiled NOT ahead on: {slower}")
 
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"ops_{args.device}.json")
+    name = f"ops_{args.device}{'_quick' if args.quick else ''}.json"  # a quick run keeps the full one
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", name)
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
         json.dump(dict(meta=meta, results=rows), f, indent=1)

@@ -15,14 +15,25 @@ PyObject* PyInit__C(void) {
 }
 #endif
 
+// A round of sampling validates its permutations once, with permutation_ranks; the ops that read
+// positions by step (masked_prefixes, scatter_marginals) take the ranks, the walks the
+// permutations themselves, and only check the bounds of what they index with.
 TORCH_LIBRARY(shapcam, m) {
+  m.def("permutation_ranks(Tensor perms) -> Tensor");
   m.def(
-      "masked_prefixes(Tensor activations, Tensor baseline, Tensor perms, int perm_start, "
-      "int perm_end, int prefix_start, int prefix_end) -> Tensor");
+      "masked_prefixes(Tensor activations, Tensor baseline, Tensor ranks, SymInt perm_start, "
+      "SymInt perm_end, SymInt prefix_start, SymInt prefix_end) -> Tensor");
+  m.def("scatter_marginals(Tensor values, Tensor ranks, ScalarType? dtype=None) -> Tensor");
   m.def(
-      "scatter_marginals_(Tensor values, Tensor perms, Tensor(a!) phi, Tensor(b!) phi_sq, "
-      "int unit_size=1) -> ()");
+      "scatter_marginals_(Tensor values, Tensor ranks, Tensor(a!) phi, Tensor(b!) phi_sq, "
+      "SymInt unit_size=1) -> ()");
+  m.def(
+      "linear_walk(Tensor start_logits, Tensor deltas, Tensor perms, Tensor classes, bool softmax, "
+      "ScalarType? dtype=None) -> Tensor");
   m.def(
       "linear_walk_(Tensor start_logits, Tensor deltas, Tensor perms, Tensor classes, bool "
-      "softmax, Tensor(a!) phi, Tensor(b!) phi_sq, int unit_size=1) -> ()");
+      "softmax, Tensor(a!) phi, Tensor(b!) phi_sq, SymInt unit_size=1) -> ()");
+  m.def(
+      "linear_walk_backward(Tensor grad_phi, Tensor start_logits, Tensor deltas, Tensor perms, "
+      "Tensor classes, bool softmax, bool[2] output_mask) -> (Tensor, Tensor)");
 }

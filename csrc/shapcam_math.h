@@ -4,10 +4,12 @@
 // over threads and in the order of their reductions; what each element computes is here, as
 // C10_HOST_DEVICE inline functions, so the CPU tests exercise the arithmetic the GPU runs.
 //
-// Precision policy of linear_walk_ (see tests/numerics.py for the bounds the tests use):
-// both devices walk the logits in at::opmath_type of the inputs -- float for float32, float16
-// and bfloat16 logits, double for float64 -- and store each prefix's worth in phi's dtype, in
-// which the marginals are differenced and summed. Why float suffices for float32 inputs:
+// Precision policy of linear_walk(_) and its backward (see tests/numerics.py for the bounds the
+// tests use): both devices, and the pure-PyTorch reference (shapcam_ext/reference.py), walk the
+// logits in at::opmath_type of the inputs -- float for float32, float16 and bfloat16 logits,
+// double for float64 -- and store each prefix's worth in phi's dtype, in which the marginals are
+// differenced and summed; the backward sums its gradients in phi's dtype too. Why float suffices
+// for float32 inputs:
 //  * The running logits z_t = z_0 + d_1 + ... + d_t are recursive sums, so each is within
 //    gamma_t * Z of its exact value, gamma_t = t*u / (1 - t*u), Z = |z_0| + sum_p |d_p| (Higham,
 //    Accuracy and Stability of Numerical Algorithms, 2nd ed., Lemma 3.1, eq. 4.4). For float
@@ -30,15 +32,20 @@
 #include <cmath>
 #include <cstdint>
 
-// A string literal, so that device-side asserts can use it too.
+// String literals, so that device-side asserts can use them too. Only permutation_ranks checks
+// that rows are permutations; the ops that index memory with ranks or perms check their bounds.
 #define SHAPCAM_NOT_PERMUTATION "perms: every row must be a permutation of 0..n-1"
+#define SHAPCAM_RANK_OUT_OF_RANGE \
+  "ranks must lie in [0, n), the steps of a permutation: compute them with permutation_ranks(perms)"
+#define SHAPCAM_PERM_OUT_OF_RANGE "perms must lie in [0, n), the positions of the map"
+#define SHAPCAM_CLASS_OUT_OF_RANGE "classes must lie in [0, M), the columns of start_logits"
 
 namespace shapcam {
 
 // ---- masked_prefixes: which map a row is, and which positions it keeps ---------------------
 
-// Rows are ordered image-major, then permutation, then prefix length; a linear_walk_ or
-// scatter_marginals_ row bk is (image b, permutation k) in the same order.
+// Rows are ordered image-major, then permutation, then prefix length; a linear_walk or
+// scatter_marginals row bk is (image b, permutation k) in the same order.
 template <typename index_t>
 struct ImagePerm {
   index_t b, k;
@@ -77,25 +84,26 @@ C10_HOST_DEVICE inline bool kept(index_t rank, index_t t) {
   return rank < t;
 }
 
-// ---- scatter_marginals_: the marginal of one step, summed per unit -------------------------
+// ---- scatter_marginals(_), linear_walk(_): the marginal of one step, summed per unit ----------
 
-// A unit is unit_size consecutive permutations (an antithetic pair is one unit of 2): phi gets
-// every marginal, phi_sq the square of each unit's sum of them, so that standard errors can be
-// computed over independent units. The marginal d = after - before joins its unit's sum...
+// The marginal of one step: the worth after it minus the worth before, in phi's dtype.
 template <typename acc_t>
-C10_HOST_DEVICE inline void add_marginal(acc_t before, acc_t after, acc_t& unit_sum) {
-  unit_sum += after - before;
+C10_HOST_DEVICE inline acc_t marginal(acc_t before, acc_t after) {
+  return after - before;
 }
 
-// ...and a finished unit's sum joins phi and its square phi_sq.
+// A unit is unit_size consecutive permutations (an antithetic pair is one unit of 2): its
+// marginals add up per position in unit_sum; a finished unit's sum joins phi and, when phi_sq is
+// kept (the in-place ops), its square joins phi_sq, so that standard errors can be computed over
+// independent units.
 template <typename acc_t>
-C10_HOST_DEVICE inline void close_unit(acc_t& unit_sum, acc_t& sum, acc_t& sum_sq) {
+C10_HOST_DEVICE inline void close_unit(acc_t& unit_sum, acc_t& sum, acc_t* sum_sq) {
   sum += unit_sum;
-  sum_sq += unit_sum * unit_sum;
+  if (sum_sq != nullptr) *sum_sq += unit_sum * unit_sum;
   unit_sum = 0;
 }
 
-// ---- linear_walk_: the worth of running logits --------------------------------------------
+// ---- linear_walk(_): the worth of running logits -------------------------------------------
 
 C10_HOST_DEVICE inline float float_from_bits(int32_t bits) {
 #ifdef __CUDA_ARCH__
@@ -153,6 +161,25 @@ C10_HOST_DEVICE inline op_t sum_exp_partial(op_t running, op_t z, op_t top) {
 template <typename op_t>
 C10_HOST_DEVICE inline op_t class_probability(op_t z_c, op_t top, op_t sum_exp) {
   return exp_nonpositive(z_c - top) / sum_exp;
+}
+
+// ---- linear_walk_backward: the walk's derivative ----------------------------------------------
+//
+// Along one permutation, phi[p_t] gets v_t - v_{t-1} (p_t enters at step t, v_t is the worth after
+// t steps), so v_t's cotangent is a_t = g[p_t] - g[p_{t+1}] (the first term absent at t = 0, the
+// second at t = n). The logits after t steps are z_t = z_0 + d[p_1] + ... + d[p_t]: z_0's
+// gradient is sum_t a_t dv_t/dz_t, and d[p_t]'s the same sum over the steps from t on.
+
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t worth_cotangent(acc_t g_entered, acc_t g_next) {
+  return g_entered - g_next;
+}
+
+// Component j of a * dv/dz for the softmax worth v = q_c = softmax(z)_c: a v (delta_jc - q_j),
+// from av = a * v and q_j. (The logit worth v = z_c has a delta_jc.)
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t softmax_worth_gradient(acc_t av, acc_t q_j, bool is_class) {
+  return av * ((is_class ? acc_t(1) : acc_t(0)) - q_j);
 }
 
 }  // namespace shapcam

@@ -191,8 +191,16 @@ class _Run:
             tick = _synchronized_clock(game.device)
             with torch.no_grad():  # reported as numbers
                 ends = game.worth(torch.stack([game.base_map(), game.players], 1).flatten(0, 1))  # (b, 2)
-            report.head_timed(_synchronized_clock(game.device) - tick, 2 * game.batch)
+            if not self.proof.walks_cheaply:  # else the walk and its check are quick whatever the head costs
+                report.head_timed(_synchronized_clock(game.device) - tick, 2 * game.batch)
             evaluator = evaluator_for(game, self.proof)
+            closed = evaluator.exact_values()
+            if closed is not None:  # nothing to sample: zero permutations, zero standard errors
+                estimate = RunningEstimate(game.batch, game.n, 1, game.device, True, game.planner.differentiable)
+                estimate.total.copy_(closed.detach())
+                if estimate.differentiable:
+                    estimate.add_sums(closed)
+                return self._results(estimate, ends, evaluator, None if cfg.tolerance is None else True)
             piloted = cfg.tolerance is not None and cfg.design == "latin" and not cfg.exact
             sampler = _Sampler(game, evaluator, cfg, PILOT_PERMUTATIONS if piloted else cfg.permutations, cfg.seed)
             if sampler.total > sampler.unit:
@@ -344,9 +352,9 @@ class _StopSchedule:
 class _CostReport:
     """Announces a long run's cost before it starts, from small timed pieces.
 
-    First, from the two ends' head evaluations: when one permutation on the generic path (the
-    probe, or a fast path's check) would itself take long, the whole generic projection is
-    logged at once. Then a probe times the chosen path on one and on a batch of permutations (kept
+    First, from the two ends' head evaluations, unless a cheap walk is proven: when one
+    permutation on the generic path (the probe, or an incremental walk's check) would itself take
+    long, the whole generic projection is logged at once. Then a probe times the chosen path on one and on a batch of permutations (kept
     out of the estimate), a call's fixed cost and each permutation's, and the run's projection is
     logged if long: without a tolerance at once, with one
     at the first stop check, which projects how many permutations it needs. Device work is timed

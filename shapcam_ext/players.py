@@ -92,32 +92,45 @@ class PlayerGrid:
         tokens[:, self.token_index] = grid.reshape(grid.shape[0], -1)
         return tokens.view((-1,) + tuple(source.shape[1:]))
 
-    def player_positions(self, channels_last: bool) -> Optional[torch.Tensor]:
-        """(players,) the position of the activation that holds each player's elements (an index
-        into its dimensions but the batch and the channels, the last dimension or the second,
-        flattened in row-major order); None unless every player fills one position of its own
-        (a group of g x g cells spans several; a structure of maps has no one activation).
-        Positions holding no player keep their values in every coalition (a class token)."""
-        if self.group_size > 1 or self.structure is not None:
+    def position_owners(self, channels_last: bool) -> Optional[torch.Tensor]:
+        """(positions,) the player whose grid cells each position of the activation holds (its
+        dimensions but the batch and the channels, the last dimension or the second, flattened in
+        row-major order): -1 for a position no player holds (a class token the reshape_transform
+        drops; it keeps its value in every coalition), -2 for one the cells of several players
+        share; None for a structure of maps, which has no one activation."""
+        if self.structure is not None:
             return None
         one = self.activation[0]
         channels = one.shape[-1 if channels_last else 0]
+        positions = one.numel() // channels
         index = self.token_index if self.token_index is not None else torch.arange(one.numel(), device=one.device)
-        positions = index // channels if channels_last else index % (one.numel() // channels)
-        cells = positions.view(self.grid_shape).flatten(1)  # (C, players): where each element of each player is
-        first = cells[0]
-        if not bool((cells == first).all()) or first.unique().numel() != first.numel():
+        position = index // channels if channels_last else index % positions
+        c, h, w = self.grid_shape
+        g = self.group_size
+        cells = torch.arange(h * w, device=one.device)
+        player = ((cells // w // g) * -(-w // g) + cells % w // g).repeat(c)  # grid elements are (C, h, w)
+        players = self.players.shape[-2] * self.players.shape[-1]
+        low = torch.full((positions,), players, device=one.device).scatter_reduce(0, position, player, "amin")
+        high = torch.full((positions,), -1, device=one.device).scatter_reduce(0, position, player, "amax")
+        return torch.where((high >= 0) & (low != high), -2, high)
+
+    def player_positions(self, channels_last: bool) -> Optional[torch.Tensor]:
+        """(players,) the position of the activation that holds each player's elements (see
+        :meth:`position_owners`); None unless every player fills one position of its own (a group
+        of g x g cells spans several)."""
+        owner = self.position_owners(channels_last)
+        held = None if owner is None else (owner >= 0).nonzero().flatten()
+        if held is None or bool((owner == -2).any()) or not torch.equal(
+                owner[held].sort().values, torch.arange(len(held), device=owner.device)):
             return None
-        return first
+        positions = torch.empty_like(held)
+        positions[owner[held]] = held
+        return positions
 
     def positions_are_players(self, channels_last: bool) -> bool:
         """Whether the activation's positions are the players, position p being player p (a CNN's map)."""
-        positions = self.player_positions(channels_last)
-        if positions is None:
-            return False
-        one = self.activation[0]
-        count = one.numel() // one.shape[-1 if channels_last else 0]
-        return torch.equal(positions, torch.arange(count, device=positions.device))
+        owner = self.position_owners(channels_last)
+        return owner is not None and torch.equal(owner, torch.arange(len(owner), device=owner.device))
 
     def to_map(self, values: torch.Tensor) -> torch.Tensor:
         """Per-player values (..., H, W) spread over the feature grid (..., h, w): each position holds

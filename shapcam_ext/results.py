@@ -27,7 +27,9 @@ class ShapleyResult:
     value_full / value_empty: the target's score with every / no position kept.
     path: how the coalitions were evaluated: "generic" (the head on masked maps), or an exact
         fast path: "pooled-linear", "pooled", "local-pool-linear", or for heads that mix positions
-        locally before their pool, "incremental-table" or "incremental-recompute".
+        locally before their pool, "incremental-table" or "incremental-recompute", for ViTs cut at
+        a block's norm1 "class-token-attention"; "additive": the game is additive and the map
+        was computed in closed form (``n_permutations`` is then 0, ``std_error`` zeros).
     feature_map: (h, w) the values over the feature map's positions (a grouped player's value
         on each of its positions), for display.
     tolerance_met: with a tolerance, whether the run stopped because every image met it (False:

@@ -9,9 +9,10 @@ which of them it uses. They do not depend on the CPU's SIMD width, on MKL's code
 (MKL_CBWR), on ATen's kernels (ATEN_CPU_CAPABILITY) or on the thread count: those change the
 order of the roundings, not their number.
 
-Precision policy (csrc/shapcam_math.h): linear_walk_ walks the logits in the opmath type of its
-inputs (float for float32/float16/bfloat16, double for float64) on both devices, stores each
-prefix's worth in phi's dtype, and differences and sums the worths there.
+Precision policy (csrc/shapcam_math.h): linear_walk(_) walks the logits in the opmath type of its
+inputs (float for float32/float16/bfloat16, double for float64) on both devices and in the
+reference, stores each prefix's worth in phi's dtype, and differences and sums the worths there;
+its backward sums in the dtype of phi's gradient.
 
 References: N. J. Higham, Accuracy and Stability of Numerical Algorithms, 2nd ed. (SIAM 2002),
 Lemma 3.1 and section 4.2 (sums), section 3.1 (dot products); N. J. Higham and T. Mary, A New
@@ -56,10 +57,10 @@ def assert_within(got: torch.Tensor, expected: torch.Tensor, bound, what: str) -
     )
 
 
-# ---- the ops: scatter_marginals_ and linear_walk_ ---------------------------------------------
+# ---- the ops: scatter_marginals(_), linear_walk(_) and their gradients ------------------------
 
 
-def accumulated_error(values: torch.Tensor, value_error, perms: torch.Tensor, phi0: torch.Tensor,
+def accumulated_error(values: torch.Tensor, value_error, ranks: torch.Tensor, phi0: torch.Tensor,
                       phi_sq0: torch.Tensor, unit_size: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Bounds on phi and phi_sq after one scatter_marginals_ of ``values`` onto phi0, phi_sq0, in
     their dtype, when each worth is within ``value_error`` (a number, or one per worth) of the
@@ -79,7 +80,7 @@ def accumulated_error(values: torch.Tensor, value_error, perms: torch.Tensor, ph
     signed = values[..., 1:] - values[..., :-1]
     e_d = (error[..., 1:] + error[..., :-1]) * (1 + u) + u * signed.abs()
     # Each position's marginal from each permutation, like the reference gathers them.
-    ranks = permutation_ranks(perms.cpu()).expand_as(signed)
+    ranks = ranks.cpu().expand_as(signed)
     signed, e_d = signed.gather(-1, ranks), e_d.gather(-1, ranks)
     rounded = signed.abs() + e_d
     k = values.shape[-2]
@@ -96,42 +97,131 @@ def accumulated_error(values: torch.Tensor, value_error, perms: torch.Tensor, ph
     return phi, phi_sq
 
 
-def scatter_error(values: torch.Tensor, perms: torch.Tensor, phi0: torch.Tensor, phi_sq0: torch.Tensor,
+def scatter_error(values: torch.Tensor, ranks: torch.Tensor, phi0: torch.Tensor, phi_sq0: torch.Tensor,
                   unit_size: int = 1) -> tuple:
     """Bounds on one implementation of scatter_marginals_: the worths are given exactly, except
     that float64 worths round once to float32 accumulators."""
     wider = torch.finfo(values.dtype).eps < torch.finfo(phi0.dtype).eps
     value_error = unit_roundoff(phi0.dtype) * values.double().abs() if wider else 0.0
-    return accumulated_error(values, value_error, perms, phi0, phi_sq0, unit_size)
+    return accumulated_error(values, value_error, ranks, phi0, phi_sq0, unit_size)
+
+
+def logit_scale(start: torch.Tensor, deltas: torch.Tensor) -> torch.Tensor:
+    """Z = max_j (|z_0j| + sum_p |d_pj|) per image, (B, 1, 1): no running logit exceeds it."""
+    return (start.double().abs() + deltas.double().abs().sum(1)).amax(-1).cpu().view(-1, 1, 1)
 
 
 def walk_error(start: torch.Tensor, deltas: torch.Tensor, perms: torch.Tensor, classes: torch.Tensor,
-               softmax: bool, walk: torch.dtype, phi0: torch.Tensor, phi_sq0: torch.Tensor,
-               unit_size: int = 1) -> tuple:
-    """Bounds on one implementation of linear_walk_ that walks the logits in ``walk`` (the
-    compiled kernels: opmath of the inputs; the reference: phi's dtype) and stores each worth in
-    phi's dtype.
+               softmax: bool, phi0: torch.Tensor, phi_sq0: torch.Tensor, unit_size: int = 1) -> tuple:
+    """Bounds on one implementation of linear_walk_ (a kernel or the reference) that walks the
+    logits in the opmath type of the inputs and stores each worth in phi's dtype.
 
-    The running logits z_t = z_0 + d_1 + ... + d_t are recursive sums: within gamma_n Z of exact,
-    Z = max_j (|z_0j| + sum_p |d_pj|) per image (Higham, eq. 4.4); gamma_{n+1} when the inputs
-    are rounded to ``walk`` first (the reference walks float64 logits in float32 phi's dtype). A
-    logit worth is within that. A softmax worth p is within softmax_sensitivity(p) times it plus
-    the max-subtraction's 2 u Z, plus its own rounding softmax_rounding * p. Storing the worth
-    rounds once more. The exact worths come from the reference walk in float64.
+    The running logits z_t = z_0 + d_1 + ... + d_t are recursive sums: within gamma_n Z of exact
+    (Higham, eq. 4.4; the inputs are exact in opmath). A logit worth is within that. A softmax
+    worth p is within softmax_sensitivity(p) times it plus the max-subtraction's 2 u Z, plus its
+    own rounding softmax_rounding * p. Storing the worth rounds once more. The exact worths come
+    from the reference walk in float64.
     """
     n, m = deltas.shape[1], deltas.shape[2]
+    walk = opmath(deltas.dtype)
     exact = walk_values(start.double().cpu(), deltas.double().cpu(), perms.cpu(), classes.cpu(), softmax,
                         torch.float64)
-    z = (start.double().abs() + deltas.double().abs().sum(1)).amax(-1).cpu().view(-1, 1, 1)
-    rounded_inputs = torch.finfo(deltas.dtype).eps < torch.finfo(walk).eps
-    logit_error = gamma(n + rounded_inputs, walk) * z
+    z = logit_scale(start, deltas)
+    logit_error = gamma(n, walk) * z
     if softmax:
         logit_error = logit_error + 2 * unit_roundoff(walk) * z
         error = softmax_sensitivity(exact, logit_error) * logit_error + softmax_rounding(m, walk) * exact
     else:
         error = logit_error.expand_as(exact)
     error = error + unit_roundoff(phi0.dtype) * (exact.abs() + error)
-    return accumulated_error(exact, error, perms, phi0, phi_sq0, unit_size)
+    return accumulated_error(exact, error, permutation_ranks(perms.cpu()), phi0, phi_sq0, unit_size)
+
+
+def narrower(a: torch.dtype, b: torch.dtype) -> bool:
+    """Whether converting from b to a rounds."""
+    return torch.finfo(a).eps > torch.finfo(b).eps
+
+
+def conversion_error(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A bound on rounding x (its magnitude bound) to ``dtype``: u |x|, plus half the spacing of
+    the subnormals, where a value below the smallest normal loses relative accuracy (the standard
+    model with underflow, Higham section 2.1). That spacing matters for float16 gradients, whose
+    normals stop at 6.1e-5."""
+    info = torch.finfo(dtype)
+    return unit_roundoff(dtype) * x.abs() + info.tiny * info.eps / 2
+
+
+def walk_gradient(grad_phi: torch.Tensor, start: torch.Tensor, deltas: torch.Tensor, perms: torch.Tensor,
+                  classes: torch.Tensor, softmax: bool, acc: torch.dtype) -> tuple:
+    """The gradients of linear_walk's output with respect to start (B, M) and deltas (B, n, M) in
+    float64, and bounds on one implementation of them that walks the logits in the inputs' opmath
+    type, sums in ``acc`` and returns the inputs' dtype: (exact_start, exact_deltas, bound_start,
+    bound_deltas).
+
+    Along permutation k the worth after t steps, v_t, has the cotangent a_t = g[p_t] - g[p_{t+1}]
+    (shapcam_math.h), and w_t = a_t dv_t/dz_t = a_t v_t (e_c - q_t), q_t the softmax of z_t (a
+    logit worth: a_t e_c). The start's gradient sums w_t over k and t; a delta's, over k and the
+    steps from the one at which it enters.
+
+    One w_t: the logits are within e = (gamma_n + 2u) Z (walk_error), which moves every q_j by a
+    factor within exp(+-2e); with q's own rounding, |q^ - q| <= r q, r = e^{2e} (1 +
+    softmax_rounding) - 1, and so |v^ - v| <= r v. Then a (one subtraction), a v, e_c - q and the
+    product round once each in acc, and v and q once more when acc is narrower than the walk:
+    gamma_6. So |w^ - w| <= |a| v [r (|e_c - q| + (1 + r) q)(1 + gamma_6) + gamma_6 |e_c - q|]; a
+    logit's w only rounds a: u |a|.
+
+    The sums: a kernel sums each permutation's w_t (its total), subtracts the partial sum before
+    each step, sums over permutations and over its chunks of them; autograd through the reference
+    sums the same terms in other orders (a reversed cumsum, K scattered additions, a sum over K
+    (n+1) broadcast terms). Either way each entry is a sum of at most N = K (n+1) + n + 2K + 3
+    terms, each w counted at most twice: gamma_N times twice the sum of |w^| over its
+    permutations. Returning a dtype narrower than acc rounds once more (conversion_error).
+    """
+    out = deltas.dtype
+    walk = opmath(out)
+    s, d, g = start.double().cpu(), deltas.double().cpu(), grad_phi.double().cpu()
+    perms, classes = perms.cpu(), classes.cpu()
+    b, n, m = d.shape
+    k = perms.shape[0]
+    logits = torch.cat([torch.zeros(b, k, 1, m, dtype=torch.float64), d[:, perms].cumsum(2)], 2) + s[:, None, None]
+    entering = g[:, perms]  # (B, K, n): the cotangent of the position that enters at step t+1
+    zero = torch.zeros(b, k, 1, dtype=torch.float64)
+    a = (torch.cat([zero, entering], -1) - torch.cat([entering, zero], -1)).unsqueeze(-1)  # (B, K, n+1, 1)
+    onehot = F.one_hot(classes, m).double().view(b, 1, 1, m)
+    g6 = gamma(6, acc)
+    if softmax:
+        q = logits.softmax(-1)
+        v = (q * onehot).sum(-1, keepdim=True)
+        e = (gamma(n, walk) + 2 * unit_roundoff(walk)) * logit_scale(start, deltas).unsqueeze(-1)
+        r = torch.exp(2 * e) * (1 + softmax_rounding(m, walk)) - 1
+        w = a * v * (onehot - q)
+        w_error = a.abs() * v * (r * ((onehot - q).abs() + (1 + r) * q) * (1 + g6) + g6 * (onehot - q).abs())
+    else:
+        w = a * onehot
+        w_error = unit_roundoff(acc) * w.abs()
+    summed = gamma(k * (n + 1) + n + 2 * k + 3, acc) * 2 * (w.abs() + w_error).sum((1, 2))  # (B, M)
+
+    def from_entry(x):
+        """(B, n, M): per position, the sum over permutations of x from its entering step on."""
+        suffix = x.flip(2).cumsum(2).flip(2)[:, :, 1:]  # [.., t, ..]: steps t+1..n, entered by perms[k, t]
+        return torch.zeros_like(suffix).scatter_add(2, perms.view(1, k, n, 1).expand(suffix.shape), suffix).sum(1)
+
+    exact_start, exact_deltas = w.sum((1, 2)), from_entry(w)
+    bound_start, bound_deltas = w_error.sum((1, 2)) + summed, from_entry(w_error) + summed[:, None]
+    if narrower(out, acc):
+        bound_start = bound_start + conversion_error(exact_start.abs() + bound_start, out)
+        bound_deltas = bound_deltas + conversion_error(exact_deltas.abs() + bound_deltas, out)
+    return exact_start, exact_deltas, bound_start, bound_deltas
+
+
+def scatter_gradient_error(exact: torch.Tensor, acc: torch.dtype, out: torch.dtype) -> torch.Tensor:
+    """A bound on one implementation of scatter_marginals' gradient with respect to values whose
+    exact value (float64) is ``exact``: each entry is the difference of two entries of the
+    cotangent (one subtraction in acc), returned in ``out`` (conversion_error)."""
+    bound = unit_roundoff(acc) * exact.abs()
+    if narrower(out, acc):
+        bound = bound + conversion_error(exact.abs() + bound, out)
+    return bound
 
 
 # ---- heads of real models ---------------------------------------------------------------------

@@ -244,13 +244,14 @@ def test_the_map_gradient_matches_autograd_through_the_reference_on_lite0(lite0_
     # The reference, in float64: masked maps -> head -> worths -> marginals, by autograd.
     perms = torch.cat(drawn)
     k, n = perms.shape
+    ranks = reference.permutation_ranks(perms)
     head = split_model(model, "bn2").head
     act = activation.detach().requires_grad_()
     values = torch.stack([
-        head(reference.masked_prefixes(act, act.new_zeros(()), perms, i, i + 1, 0, n + 1)).softmax(-1)[:, category]
+        head(reference.masked_prefixes(act, act.new_zeros(()), ranks, i, i + 1, 0, n + 1)).softmax(-1)[:, category]
         for i in range(k)])[None]  # (1, K, n+1)
     phi, phi_sq = torch.zeros(1, n, dtype=torch.float64), torch.zeros(1, n, dtype=torch.float64)
-    reference.scatter_marginals_(values, perms, phi, phi_sq)
+    reference.scatter_marginals_(values, ranks, phi, phi_sq)
     (expected,) = torch.autograd.grad((phi / k * cotangent).sum(), act)
 
     classifier, classes = model.classifier, torch.tensor([category])

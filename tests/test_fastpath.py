@@ -18,7 +18,7 @@ from shapcam_ext.game import Game
 from shapcam_ext.head import split_model
 from shapcam_ext.memory import MemoryPlanner
 from shapcam_ext.players import PlayerGrid
-from shapcam_ext.targets import ClassifierOutputSoftmaxTarget, ClassifierOutputTarget, ClassTarget, Scorer
+from shapcam_ext.targets import ClassifierOutputSoftmaxTarget, ClassTarget, Scorer
 
 SETTINGS = dict(n_permutations=6, batch_size=512)
 
@@ -98,11 +98,11 @@ def test_fast_path_equals_generic_path(name, layer, path):
 
 # How each target's worth moves with the logits: a logit, a softmax probability, or (for a
 # difference of two logits) a Lipschitz constant in the max norm (the sigmoid's is 1/4).
+# (Logit targets alone make the game additive: tests/test_additive.py.)
 @pytest.mark.parametrize("targets,path,worths", [
-    ([ClassifierOutputTarget(3), ClassifierOutputTarget(5)], "pooled-linear", ["logit"]),  # logits
     ([ClassTarget(3, softmax=True), ClassTarget(5, softmax=False)], "pooled", ["softmax", "logit"]),  # mixed
     ([lambda out: out[1] - out[2], lambda out: out[0].sigmoid()], "pooled", [2.0]),  # any callable
-], ids=["logit", "mixed", "callable"])
+], ids=["mixed", "callable"])
 def test_targets_on_a_pooled_linear_head(targets, path, worths):
     model = calibrated("resnet50")
     torch.manual_seed(2)

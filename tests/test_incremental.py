@@ -159,7 +159,7 @@ def test_any_convolution_geometry_is_walked_exactly(kernel, stride, padding, dil
         generic = ShapCAM(model, [model.stem], n_permutations=4, seed=3, fast_path=False).explain(
             x, [ClassTarget(0, softmax=False)])[0]
     if not same_pad and kernel == stride == (1, 1) and padding == (0, 0):
-        assert fast.path == "pooled-linear"  # position-wise after all
+        assert fast.path == "additive"  # position-wise after all, and a logit: one term per position
     elif available[0]:  # else the table's footprints are too large: another path, still exact
         assert fast.path == WALKS[walk]
     # Both paths compute each worth (a logit) within the rounding bound of tests/numerics.py; a wrong

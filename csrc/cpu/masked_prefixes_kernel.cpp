@@ -7,23 +7,23 @@
 namespace shapcam {
 namespace {
 
+// Ranks are only compared with prefix lengths, never used as addresses: any value is safe.
 at::Tensor masked_prefixes_cpu(const at::Tensor& activations, const at::Tensor& baseline,
-                               const at::Tensor& perms, int64_t perm_start, int64_t perm_end,
+                               const at::Tensor& ranks, int64_t perm_start, int64_t perm_end,
                                int64_t prefix_start, int64_t prefix_end) {
-  check_masked_prefixes_args(activations, baseline, perms, perm_start, perm_end, prefix_start,
+  check_masked_prefixes_args(activations, baseline, ranks, perm_start, perm_end, prefix_start,
                              prefix_end);
-  check_permutations_cpu(perms);
   const MaskedPrefixesPlan plan =
       plan_masked_prefixes(activations, baseline, perm_start, perm_end, prefix_start, prefix_end);
-  const at::Tensor ranks = permutation_ranks_cpu(perms);
   if (plan.out.numel() == 0) return plan.out;
+  const at::Tensor steps = ranks.contiguous();
 
   // The copy is dtype-agnostic: runs of C elements move as bytes.
   const int64_t n = plan.n, run = plan.acts.size(2) * plan.acts.element_size();
   const char* acts = static_cast<const char*>(plan.acts.const_data_ptr());
   const char* base = static_cast<const char*>(plan.base.const_data_ptr());
   char* out = static_cast<char*>(plan.out.data_ptr());
-  const int64_t* rank = ranks.const_data_ptr<int64_t>();
+  const int64_t* rank = steps.const_data_ptr<int64_t>();
   const int64_t rows = plan.out.size(0);
   at::parallel_for(
       0, rows, std::max<int64_t>(1, (1 << 16) / (n * run)), [&](int64_t begin, int64_t end) {

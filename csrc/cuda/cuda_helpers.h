@@ -2,7 +2,6 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/full.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -56,41 +55,81 @@ __device__ T block_allreduce(T value, Op op, T identity, T* scratch /* [32] */) 
   return value;
 }
 
-// ranks[k, p] = t where perms[k, t] = p. ranks starts at -1; a value out of range, or one seen
-// twice in its row (the atomic exchange returns the step that wrote it first), fails a
-// device-side assert. A row of n values in [0, n) without repeats is a permutation.
-static __global__ void scatter_ranks_kernel(const int64_t* perms, int64_t* ranks, int64_t total,
-                                            int64_t n) {
-  for (int64_t i = grid_start<int64_t>(); i < total; i += grid_stride<int64_t>()) {
-    const int64_t k = i / n, p = perms[i];
-    CUDA_KERNEL_ASSERT_MSG(0 <= p && p < n, SHAPCAM_NOT_PERMUTATION);
-    const auto previous = atomicExch(reinterpret_cast<unsigned long long*>(ranks + k * n + p),
-                                     static_cast<unsigned long long>(i - k * n));
-    CUDA_KERNEL_ASSERT_MSG(previous == static_cast<unsigned long long>(-1),
-                           SHAPCAM_NOT_PERMUTATION);
+// Marginals read by step: values[b, k, r+1] - values[b, k, r], r = ranks[k, p] (a device-side
+// assert for a rank outside [0, n)). values (B, K, n+1) with any strides.
+template <typename scalar_t, typename acc_t>
+struct RankedMarginal {
+  const scalar_t* value;
+  int64_t vb, vk, vt;
+  const int64_t* rank;
+  int64_t n;
+
+  __device__ acc_t operator()(int64_t b, int64_t k, int64_t p) const {
+    const int64_t r = rank[k * n + p];
+    CUDA_KERNEL_ASSERT_MSG(0 <= r && r < n, SHAPCAM_RANK_OUT_OF_RANGE);
+    const scalar_t* v = value + b * vb + k * vk + r * vt;
+    return marginal(static_cast<acc_t>(v[0]), static_cast<acc_t>(v[vt]));
+  }
+};
+
+// Marginals a walk has already placed by position: marginals[b, k, p], contiguous (B, K, n).
+template <typename acc_t>
+struct PlacedMarginal {
+  const acc_t* marginals;
+  int64_t num_perms, n;
+
+  __device__ acc_t operator()(int64_t b, int64_t k, int64_t p) const {
+    return marginals[(b * num_perms + k) * n + p];
+  }
+};
+
+constexpr int kWarp = 32;
+
+// One warp per (b, p), which owns phi[b, p]: no atomics. Lane l sums units l, l+32, ... in
+// order, then the lanes' partials combine in a fixed butterfly: deterministic. sum_sq may be null
+// (the out-of-place ops keep no squares).
+template <typename acc_t, typename Marginal>
+__global__ void accumulate_units_kernel(Marginal marginal_of, acc_t* sum, int64_t fb, int64_t fp,
+                                        acc_t* sum_sq, int64_t qb, int64_t qp, int64_t batch,
+                                        int64_t num_perms, int64_t n, int64_t unit_size) {
+  const int lane = threadIdx.x % kWarp;
+  const auto add = [](acc_t x, acc_t y) { return x + y; };
+  // The loop bounds are the same for the whole warp, as warp_allreduce needs.
+  for (int64_t i = grid_start<int64_t>() / kWarp; i < batch * n;
+       i += grid_stride<int64_t>() / kWarp) {
+    const int64_t b = i / n, p = i - b * n;
+    acc_t s = 0, s2 = 0;
+    for (int64_t unit = lane; unit * unit_size < num_perms; unit += kWarp) {
+      acc_t unit_sum = 0;
+      for (int64_t k = unit * unit_size; k < (unit + 1) * unit_size; ++k) {
+        unit_sum += marginal_of(b, k, p);
+      }
+      close_unit(unit_sum, s, sum_sq != nullptr ? &s2 : nullptr);
+    }
+    s = warp_allreduce(s, add);
+    s2 = warp_allreduce(s2, add);
+    if (lane == 0) {
+      sum[b * fb + p * fp] += s;
+      if (sum_sq != nullptr) sum_sq[b * qb + p * qp] += s2;
+    }
   }
 }
 
-// ranks[k, p] = the step at which permutation k adds position p. Checks on the device that every
-// row of perms is a permutation of 0..n-1 (a device-side assert otherwise): raising a ValueError
-// as the CPU does would need a host sync. Stream-ordered before the kernels that read the ranks,
-// so none of them runs on a bad permutation.
-inline at::Tensor permutation_ranks_cuda(const at::Tensor& perms) {
-  const at::Tensor order = perms.contiguous();
-  at::Tensor ranks = at::full(order.sizes(), -1, order.options());
-  const int64_t total = order.numel();
-  if (total == 0) return ranks;
-  scatter_ranks_kernel<<<blocks_for(total), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      order.const_data_ptr<int64_t>(), ranks.data_ptr<int64_t>(), total, order.size(1));
+// Adds to phi[b, p] the sum over k of marginal_of(b, k, p), and to phi_sq[b, p], when defined,
+// the square of each unit's sum of them (a unit: unit_size consecutive permutations). phi,
+// phi_sq: (B, n) with any strides. The sums over k have a fixed order: deterministic.
+template <typename acc_t, typename Marginal>
+void accumulate_units_cuda(const Marginal& marginal_of, at::Tensor& phi, const at::Tensor& phi_sq,
+                           int64_t num_perms, int64_t unit_size) {
+  const int64_t batch = phi.size(0), n = phi.size(1);
+  if (batch * n == 0) return;
+  const bool squares = phi_sq.defined();
+  accumulate_units_kernel<acc_t, Marginal>
+      <<<blocks_for(batch * n * kWarp), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+          marginal_of, phi.data_ptr<acc_t>(), phi.stride(0), phi.stride(1),
+          squares ? phi_sq.data_ptr<acc_t>() : nullptr, squares ? phi_sq.stride(0) : 0,
+          squares ? phi_sq.stride(1) : 0, batch, num_perms, n, unit_size);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return ranks;
 }
-
-// Adds sum_k d to phi[b, p] and the square of each unit's sum of d to phi_sq[b, p], where d is
-// the marginal of position p along permutation k: values[b, k, rank + 1] - values[b, k, rank],
-// and a unit is unit_size consecutive permutations. values is (B, K, n+1) and phi, phi_sq are
-// (B, n) with any strides. The sums over k have a fixed order: deterministic.
-void accumulate_marginals_cuda(const at::Tensor& values, const at::Tensor& ranks, at::Tensor& phi,
-                               at::Tensor& phi_sq, int64_t unit_size);
 
 }  // namespace shapcam

@@ -53,16 +53,17 @@ void launch(const MaskedPrefixesPlan& plan, const at::Tensor& ranks, int64_t run
   }
 }
 
+// Ranks are only compared with prefix lengths, never used as addresses: any value is safe.
 at::Tensor masked_prefixes_cuda(const at::Tensor& activations, const at::Tensor& baseline,
-                                const at::Tensor& perms, int64_t perm_start, int64_t perm_end,
+                                const at::Tensor& ranks, int64_t perm_start, int64_t perm_end,
                                 int64_t prefix_start, int64_t prefix_end) {
-  check_masked_prefixes_args(activations, baseline, perms, perm_start, perm_end, prefix_start,
+  check_masked_prefixes_args(activations, baseline, ranks, perm_start, perm_end, prefix_start,
                              prefix_end);
   const c10::cuda::CUDAGuard guard(activations.device());
-  const at::Tensor ranks = permutation_ranks_cuda(perms);  // validates perms on the device
   const MaskedPrefixesPlan plan =
       plan_masked_prefixes(activations, baseline, perm_start, perm_end, prefix_start, prefix_end);
   if (plan.out.numel() == 0) return plan.out;
+  const at::Tensor steps = ranks.contiguous();
 
   // The copy is dtype-agnostic: move the widest word that divides a run of C values and
   // keeps every pointer aligned.
@@ -74,13 +75,13 @@ at::Tensor masked_prefixes_cuda(const at::Tensor& activations, const at::Tensor&
            reinterpret_cast<std::uintptr_t>(plan.out.const_data_ptr()) % word == 0;
   };
   if (fits(16)) {
-    launch<uint4>(plan, ranks, run_bytes);
+    launch<uint4>(plan, steps, run_bytes);
   } else if (fits(8)) {
-    launch<uint2>(plan, ranks, run_bytes);
+    launch<uint2>(plan, steps, run_bytes);
   } else if (fits(4)) {
-    launch<uint32_t>(plan, ranks, run_bytes);
+    launch<uint32_t>(plan, steps, run_bytes);
   } else {
-    launch<uint16_t>(plan, ranks, run_bytes);
+    launch<uint16_t>(plan, steps, run_bytes);
   }
   return plan.out;
 }

@@ -47,6 +47,7 @@ class GenericPath(Evaluator):
         g = self.game
         b, n, k = g.batch, g.n, perms.shape[0]
         values = torch.empty(b, k, n + 1, dtype=torch.float64, device=g.device)
+        ranks = ops.permutation_ranks(perms)
         per_group = max(1, min(b, self.rows // (n + 1)))
         for i0 in range(0, b, per_group):
             sub = slice(i0, min(b, i0 + per_group))
@@ -57,17 +58,17 @@ class GenericPath(Evaluator):
                 k1 = min(k, k0 + per_chunk)
                 for t0 in range(0, n + 1, prefixes):
                     t1 = min(n + 1, t0 + prefixes)
-                    worths = recomputed(self._worths, sub, perms, (k0, k1), (t0, t1))
+                    worths = recomputed(self._worths, sub, ranks, (k0, k1), (t0, t1))
                     values[sub, k0:k1, t0:t1] = worths.view(images, k1 - k0, t1 - t0)
         return values
 
     def graph_values(self, perms: torch.Tensor) -> torch.Tensor:
         return self.values(perms)  # recomputed chunk by chunk: a round's head activations may not fit
 
-    def _worths(self, sub: slice, perms: torch.Tensor, perm_range: tuple[int, int],
+    def _worths(self, sub: slice, ranks: torch.Tensor, perm_range: tuple[int, int],
                 prefix_range: tuple[int, int]) -> torch.Tensor:
         g = self.game
-        return g.worth(ops.masked_prefixes(g.players[sub], g.baseline_of(sub), perms, perm_range, prefix_range), sub)
+        return g.worth(ops.masked_prefixes(g.players[sub], g.baseline_of(sub), ranks, perm_range, prefix_range), sub)
 
 
 __all__ = ["GenericPath"]

@@ -109,12 +109,13 @@ class HeadPattern:
         return self.layouts[next(n for n in reversed(self.body.graph.nodes) if n.op == "output").args[0].name]
 
 
-def prove(split: SplitModel) -> tuple[Optional[HeadPattern], str]:
-    """The head's fast pattern, or (None, why it is not proven)."""
+def prove(split: SplitModel, analysis: Optional[Callable[[fx.GraphModule], Any]] = None) -> tuple[Optional[Any], str]:
+    """The head's fast pattern by ``analysis`` (a function of the head's graph that raises
+    NotProven; by default the pooled heads' proof below), or (None, why it is not proven)."""
     if split.graph_module is None:
         return None, "the head is not an fx graph (hook fallback or a user-supplied head)"
     try:
-        return _prove(split.graph_module), ""
+        return (analysis or _prove)(split.graph_module), ""
     except NotProven as reason:
         return None, str(reason)
     except Exception as err:  # an unforeseen graph: the generic path must still run

@@ -42,16 +42,19 @@ class LinearWalk(RunningWalk):
     A differentiable map walks twice per round: the in-place walk for the standard errors and the
     stop checks, and the differentiable walk (:mod:`.differentiable`), a function of ``start`` and
     ``table``, which are functions of the activation, the baseline, the body and the Linear.
+    With logit targets the game is additive: each position adds its own row of the table to the
+    logits whatever the coalition, so that row is its Shapley value, in one pass
+    (:meth:`exact_values`, path "additive"); the self-check still walks it against the head.
     """
 
     def __init__(self, game: Game, start: torch.Tensor, table: torch.Tensor):
         classes = class_targets(game.targets)
         b, n, m = table.shape
-        super().__init__("pooled-linear", game, start, TableSteps(table, _identity_rows), None,
-                         ops.linear_walk_bytes(b, 1, n, m))
+        self.softmax = classes[0].softmax
+        super().__init__("pooled-linear" if self.softmax else "additive", game, start,
+                         TableSteps(table, _identity_rows), None, ops.linear_walk_bytes(b, 1, n, m))
         self.table = table
         self.classes = torch.tensor([t.category for t in classes], device=start.device)
-        self.softmax = classes[0].softmax
         if game.planner.differentiable:  # the differentiable walk runs beside the in-place one
             orders = torch.arange(n, device=start.device).expand(2, n)
             with torch.no_grad():
@@ -63,6 +66,12 @@ class LinearWalk(RunningWalk):
             estimate.add_sums(self._sums(perms))
         ops.linear_walk_(self.start.detach(), self.table.detach(), perms, self.classes, self.softmax, estimate.total,
                          estimate.total_sq, estimate.unit_size)
+
+    def exact_values(self) -> Optional[torch.Tensor]:
+        if self.softmax:
+            return None
+        n = self.table.shape[1]
+        return self.table.gather(2, self.classes.view(-1, 1, 1).expand(-1, n, 1)).squeeze(2).double()
 
     def _sums(self, perms: torch.Tensor) -> torch.Tensor:
         return differentiable.linear_walk(self.start, self.table, perms, self.classes, self.softmax, torch.float64)

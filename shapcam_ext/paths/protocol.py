@@ -2,7 +2,8 @@
 
 An evaluator plays one :class:`~shapcam_ext.game.Game` along batches of permutations: it knows
 the worth of every prefix (``values``) and adds the marginal contributions to a running
-estimate (``accumulate``), in rounds whose size the memory planner sets. The generic path, the
+estimate (``accumulate``), in rounds whose size the memory planner sets; one whose game gives
+the Shapley values in closed form also returns them (``exact_values``), and nothing is sampled. The generic path, the
 pooled walks, the incremental walks and any new path are subclasses; the engine only ever talks
 to this interface, and :func:`shapcam_ext.paths.evaluator_for` is the one place that picks one.
 
@@ -14,6 +15,7 @@ walk's differentiable variant.
 from __future__ import annotations
 
 import abc
+from typing import Optional
 
 import torch
 
@@ -64,13 +66,19 @@ class Evaluator(abc.ABC):
     def accumulate(self, perms: torch.Tensor, estimate: RunningEstimate) -> None:
         """Adds the marginal contributions along ``perms`` (whole units) to ``estimate``, and for a
         differentiable estimate their sums with their graph (which keeps the worths and ranks)."""
+        ranks = ops.permutation_ranks(perms)
         if estimate.differentiable:
             values = self.graph_values(perms)
-            estimate.add_sums(differentiable.scatter_marginals(values, ops.permutation_ranks(perms), torch.float64))
+            estimate.add_sums(differentiable.scatter_marginals(values, ranks, torch.float64))
             values = values.detach()
         else:
             values = self.values(perms)
-        ops.scatter_marginals_(values, perms, estimate.total, estimate.total_sq, estimate.unit_size)
+        ops.scatter_marginals_(values, ranks, estimate.total, estimate.total_sq, estimate.unit_size)
+
+    def exact_values(self) -> Optional[torch.Tensor]:
+        """(B, n) the Shapley values in closed form, for a game whose structure gives them in one
+        pass (an additive game); None when they must be sampled (the engine then walks permutations)."""
+        return None
 
 
 __all__ = ["Evaluator"]

@@ -10,6 +10,7 @@
 #include <iostream>
 #include <limits>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "../../csrc/shapcam_math.h"
@@ -31,21 +32,34 @@ c10::TypedOperatorHandle<Signature> op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
 }
 
-at::Tensor masked_prefixes(const at::Tensor& activations, const at::Tensor& baseline,
-                           const at::Tensor& perms, int64_t perm_start, int64_t perm_end,
-                           int64_t prefix_start, int64_t prefix_end) {
-  static const auto handle =
-      op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t,
-                    int64_t, int64_t)>("shapcam::masked_prefixes");
-  return handle.call(activations, baseline, perms, perm_start, perm_end, prefix_start, prefix_end);
+at::Tensor permutation_ranks(const at::Tensor& perms) {
+  static const auto handle = op<at::Tensor(const at::Tensor&)>("shapcam::permutation_ranks");
+  return handle.call(perms);
 }
 
-void scatter_marginals_(const at::Tensor& values, const at::Tensor& perms, at::Tensor& phi,
+// SymInt schema arguments: the typed handle takes c10::SymInt.
+at::Tensor masked_prefixes(const at::Tensor& activations, const at::Tensor& baseline,
+                           const at::Tensor& ranks, int64_t perm_start, int64_t perm_end,
+                           int64_t prefix_start, int64_t prefix_end) {
+  static const auto handle =
+      op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, c10::SymInt,
+                    c10::SymInt, c10::SymInt, c10::SymInt)>("shapcam::masked_prefixes");
+  return handle.call(activations, baseline, ranks, perm_start, perm_end, prefix_start, prefix_end);
+}
+
+at::Tensor scatter_marginals(const at::Tensor& values, const at::Tensor& ranks) {
+  static const auto handle =
+      op<at::Tensor(const at::Tensor&, const at::Tensor&, std::optional<at::ScalarType>)>(
+          "shapcam::scatter_marginals");
+  return handle.call(values, ranks, at::kDouble);
+}
+
+void scatter_marginals_(const at::Tensor& values, const at::Tensor& ranks, at::Tensor& phi,
                         at::Tensor& phi_sq, int64_t unit_size = 1) {
   static const auto handle =
-      op<void(const at::Tensor&, const at::Tensor&, at::Tensor&, at::Tensor&, int64_t)>(
+      op<void(const at::Tensor&, const at::Tensor&, at::Tensor&, at::Tensor&, c10::SymInt)>(
           "shapcam::scatter_marginals_");
-  handle.call(values, perms, phi, phi_sq, unit_size);
+  handle.call(values, ranks, phi, phi_sq, unit_size);
 }
 
 void linear_walk_(const at::Tensor& start_logits, const at::Tensor& deltas, const at::Tensor& perms,
@@ -53,8 +67,29 @@ void linear_walk_(const at::Tensor& start_logits, const at::Tensor& deltas, cons
                   int64_t unit_size = 1) {
   static const auto handle =
       op<void(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, bool,
-              at::Tensor&, at::Tensor&, int64_t)>("shapcam::linear_walk_");
+              at::Tensor&, at::Tensor&, c10::SymInt)>("shapcam::linear_walk_");
   handle.call(start_logits, deltas, perms, classes, softmax, phi, phi_sq, unit_size);
+}
+
+at::Tensor linear_walk(const at::Tensor& start_logits, const at::Tensor& deltas,
+                       const at::Tensor& perms, const at::Tensor& classes, bool softmax) {
+  static const auto handle =
+      op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                    bool, std::optional<at::ScalarType>)>("shapcam::linear_walk");
+  return handle.call(start_logits, deltas, perms, classes, softmax, at::kDouble);
+}
+
+std::tuple<at::Tensor, at::Tensor> linear_walk_backward(const at::Tensor& grad_phi,
+                                                        const at::Tensor& start_logits,
+                                                        const at::Tensor& deltas,
+                                                        const at::Tensor& perms,
+                                                        const at::Tensor& classes, bool softmax) {
+  static const auto handle =
+      op<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                            const at::Tensor&, const at::Tensor&,
+                                            const at::Tensor&, bool, std::array<bool, 2>)>(
+          "shapcam::linear_walk_backward");
+  return handle.call(grad_phi, start_logits, deltas, perms, classes, softmax, {true, true});
 }
 
 at::Tensor random_perms(int64_t k, int64_t n, const at::TensorOptions& options) {
@@ -71,7 +106,8 @@ void masked_rows_follow_ranks(const at::TensorOptions& options) {
       at::randn({b, c, h, w}, options).contiguous(at::MemoryFormat::ChannelsLast);
   const at::Tensor base = at::randn({c, 1, 1}, options);
   const at::Tensor perms = random_perms(k, n, options);
-  const at::Tensor out = masked_prefixes(acts, base, perms, 1, 5, 2, n + 1).cpu();
+  const at::Tensor ranks = permutation_ranks(perms);
+  const at::Tensor out = masked_prefixes(acts, base, ranks, 1, 5, 2, n + 1).cpu();
   EXPECT(out.sizes() == at::IntArrayRef({b * 4 * (n - 1), c, h, w}));
   EXPECT(out.is_contiguous(at::MemoryFormat::ChannelsLast));
   const at::Tensor a = acts.cpu().reshape({b, c, n}), z = base.cpu().reshape({c});
@@ -93,14 +129,15 @@ void masked_rows_follow_ranks(const at::TensorOptions& options) {
 
 // Efficiency: the marginals along a permutation telescope, so sum_p phi[p] is
 // sum_k values[k, n] - values[k, 0]; each phi[p] and each unit's squared sum in phi_sq[p]
-// matches a brute-force loop.
+// matches a brute-force loop, and the out-of-place scatter_marginals returns phi.
 void scatter_is_efficient_and_exact(const at::TensorOptions& options, int64_t unit_size) {
   const int64_t b = 3, k = 40, n = 7;
   const auto f64 = options.dtype(at::kDouble);
   const at::Tensor values = at::randn({b, k, n + 1}, options);
   const at::Tensor perms = random_perms(k, n, options);
   at::Tensor phi = at::zeros({b, n}, f64), phi_sq = at::zeros({b, n}, f64);
-  scatter_marginals_(values, perms, phi, phi_sq, unit_size);
+  const at::Tensor ranks = permutation_ranks(perms);
+  scatter_marginals_(values, ranks, phi, phi_sq, unit_size);
   const at::Tensor v = values.cpu().to(at::kDouble), order = perms.cpu();
   const at::Tensor telescoped = (v.select(2, n) - v.select(2, 0)).sum(1);
   EXPECT(at::allclose(phi.cpu().sum(1), telescoped, 1e-12, 1e-12));
@@ -122,6 +159,15 @@ void scatter_is_efficient_and_exact(const at::TensorOptions& options, int64_t un
   }
   EXPECT(at::allclose(phi.cpu(), expected, 1e-12, 1e-12));
   EXPECT(at::allclose(phi_sq.cpu(), expected_sq, 1e-12, 1e-12));
+  EXPECT(at::allclose(scatter_marginals(values, ranks).cpu(), expected, 1e-12, 1e-12));
+}
+
+// ranks invert perms; a row that is not a permutation raises on the CPU (a device-side assert on
+// CUDA would end this process: tests/test_ops.py checks those in subprocesses).
+void permutation_ranks_invert(const at::TensorOptions& options) {
+  const at::Tensor perms = random_perms(7, 11, options);
+  const at::Tensor ranks = permutation_ranks(perms);
+  EXPECT(at::equal(ranks.gather(1, perms).cpu(), at::arange(11, at::kLong).expand({7, 11})));
 }
 
 // The walk equals scoring every coalition from scratch.
@@ -153,7 +199,36 @@ void linear_walk_matches_brute_force(const at::TensorOptions& options) {
       }
     }
     EXPECT(at::allclose(phi.cpu(), expected, 1e-10, 1e-12));
+    EXPECT(at::allclose(linear_walk(start, deltas, perms, classes, softmax).cpu(), expected, 1e-10,
+                        1e-12));
   }
+}
+
+// The gradient of sum_p phi[p] = K (v(N) - v(empty)) (efficiency) in closed form: with the
+// softmax worth v(z) = q_c(z), dv/dz = q_c (e_c - q), so the start logits get
+// K (dv/dz(z_N) - dv/dz(z_0)) and every delta K dv/dz(z_N), z_N = start + sum_p deltas[p]; with
+// the logit worth, phi[p] = K deltas[p, c]: the start gets 0 and deltas[p, c] gets K g[p].
+void linear_walk_backward_closed_forms(const at::TensorOptions& options) {
+  const int64_t b = 2, k = 6, n = 5, m = 7;
+  const auto f64 = options.dtype(at::kDouble);
+  const at::Tensor start = at::randn({b, m}, f64), deltas = at::randn({b, n, m}, f64);
+  const at::Tensor perms = random_perms(k, n, options),
+                   classes = at::tensor({3, 6}, at::kLong).to(options.device());
+  const at::Tensor onehot = at::one_hot(classes.cpu(), m).to(at::kDouble);
+  const auto worth_gradient = [&](const at::Tensor& z) {
+    const at::Tensor q = z.softmax(-1);
+    return (q * onehot).sum(-1, true) * (onehot - q);
+  };
+  auto [grad_start, grad_deltas] =
+      linear_walk_backward(at::ones({b, n}, f64), start, deltas, perms, classes, true);
+  const at::Tensor full = worth_gradient(start.cpu() + deltas.cpu().sum(1));
+  EXPECT(at::allclose(grad_start.cpu(), k * (full - worth_gradient(start.cpu())), 1e-10, 1e-12));
+  EXPECT(at::allclose(grad_deltas.cpu(), k * full.unsqueeze(1).expand({b, n, m}), 1e-10, 1e-12));
+  const at::Tensor g = at::randn({b, n}, f64);
+  std::tie(grad_start, grad_deltas) = linear_walk_backward(g, start, deltas, perms, classes, false);
+  EXPECT(at::allclose(grad_start.cpu(), at::zeros({b, m}, at::kDouble), 1e-10, 1e-12));
+  EXPECT(at::allclose(grad_deltas.cpu(), k * g.cpu().unsqueeze(-1) * onehot.unsqueeze(1), 1e-10,
+                      1e-12));
 }
 
 // The walk's exp, shared by both devices, is within 2 ulp (4u, tests/numerics.py's EXP_ROUNDINGS)
@@ -220,23 +295,31 @@ void bad_arguments_raise(const at::TensorOptions& options) {
   // this process (tests/test_ops.py checks those asserts in subprocesses).
   if (options.device().is_cpu()) {
     const at::Tensor repeated = at::tensor({0, 1, 1, 3}, at::kLong).view({1, 4});
-    EXPECT(raises([&] { masked_prefixes(acts, base, repeated, 0, 1, 0, 5); }, "perms"));
-    at::Tensor sum = at::zeros({1, 4}, options), sum_sq = at::zeros({1, 4}, options);
+    EXPECT(raises([&] { permutation_ranks(repeated); }, "perms"));
+    at::Tensor sum = at::zeros({4}, options), sum_sq = at::zeros({4}, options);
+    const at::Tensor values = at::randn({1, 5}, options);
+    EXPECT(raises([&] { scatter_marginals_(values, repeated + 1, sum, sum_sq); }, "ranks"));
+    at::Tensor walk_sum = at::zeros({1, 4}, options), walk_sum_sq = at::zeros({1, 4}, options);
     EXPECT(raises([&] {
       linear_walk_(at::randn({1, 3}, options), at::randn({1, 4, 3}, options), perms,
-                   at::tensor({3}, at::kLong), true, sum, sum_sq);
+                   at::tensor({3}, at::kLong), true, walk_sum, walk_sum_sq);
     }, "classes"));
   }
-  EXPECT(raises([&] { masked_prefixes(acts, base, perms.to(at::kInt), 0, 1, 0, 5); }, "perms"));
-  EXPECT(raises([&] { masked_prefixes(acts, base, perms, 0, 3, 0, 5); }, "perm_range"));
-  EXPECT(raises([&] { masked_prefixes(acts, base, perms, 0, 2, 0, 6); }, "prefix_range"));
-  EXPECT(raises([&] { masked_prefixes(acts.flatten(1), base, perms, 0, 2, 0, 5); }, "activations"));
+  const at::Tensor ranks = permutation_ranks(perms);
+  EXPECT(raises([&] { masked_prefixes(acts, base, ranks.to(at::kInt), 0, 1, 0, 5); }, "ranks"));
+  EXPECT(raises([&] { masked_prefixes(acts, base, ranks, 0, 3, 0, 5); }, "perm_range"));
+  EXPECT(raises([&] { masked_prefixes(acts, base, ranks, 0, 2, 0, 6); }, "prefix_range"));
+  EXPECT(raises([&] { masked_prefixes(acts.flatten(1), base, ranks, 0, 2, 0, 5); }, "activations"));
+  EXPECT(raises([&] { masked_prefixes(acts, at::Tensor(), ranks, 0, 2, 0, 5); },
+                "baseline is None"));
   at::Tensor phi = at::zeros({4}, options), phi_sq = at::zeros({4}, options.dtype(at::kDouble));
-  EXPECT(raises([&] { scatter_marginals_(at::randn({2, 5}, options), perms, phi, phi_sq); },
+  EXPECT(raises([&] { scatter_marginals_(at::randn({2, 5}, options), ranks, phi, phi_sq); },
                 "phi_sq"));
   at::Tensor sum = at::zeros({4}, options), sum_sq = at::zeros({4}, options);
-  EXPECT(raises([&] { scatter_marginals_(at::randn({2, 5}, options), perms, sum, sum_sq, 3); },
+  EXPECT(raises([&] { scatter_marginals_(at::randn({2, 5}, options), ranks, sum, sum_sq, 3); },
                 "unit_size"));
+  EXPECT(raises([&] { scatter_marginals_(at::randn({2, 5}, options), ranks, sum, sum); },
+                "share memory"));
 }
 
 void deterministic(const at::TensorOptions& options) {
@@ -245,7 +328,7 @@ void deterministic(const at::TensorOptions& options) {
   std::vector<at::Tensor> runs;
   for (int r = 0; r < 2; ++r) {
     at::Tensor phi = at::zeros({2, 49}, options), phi_sq = at::zeros({2, 49}, options);
-    scatter_marginals_(values, perms, phi, phi_sq);
+    scatter_marginals_(values, permutation_ranks(perms), phi, phi_sq);
     runs.push_back(at::cat({phi, phi_sq}));
   }
   EXPECT(at::equal(runs[0], runs[1]));
@@ -266,9 +349,11 @@ int main() {
   for (const at::Device& device : devices) {
     const auto options = at::TensorOptions().device(device).dtype(at::kFloat);
     std::cout << "device " << device << std::endl;
+    permutation_ranks_invert(options);
     masked_rows_follow_ranks(options);
     for (const int64_t unit_size : {1, 2, 5}) scatter_is_efficient_and_exact(options, unit_size);
     linear_walk_matches_brute_force(options);
+    linear_walk_backward_closed_forms(options);
     bad_arguments_raise(options);
     deterministic(options);
   }
