@@ -19,7 +19,6 @@ from typing import Any, Optional
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from shapcam_ext.paths.pattern import NHWC, HeadPattern
@@ -81,10 +80,6 @@ class Conv:
                      for n, k, s, d in zip(lengths, kernel, stride, dilation)]
         return cls(module, tuple(kernel), tuple(stride), tuple(dilation), tuple(t // 2 for t in total))
 
-    def span(self, a: int, box: int) -> int:
-        """Input indices that ``box`` consecutive output indices read along axis ``a``."""
-        return (box - 1) * self.stride[a] + (self.kernel[a] - 1) * self.dilation[a] + 1
-
     def output_length(self, a: int, length: int) -> int:
         reach = (self.kernel[a] - 1) * self.dilation[a]
         after = self.padding_after(a, length)
@@ -112,11 +107,6 @@ class Conv:
         s, reach = self.stride[a], (self.kernel[a] - 1) * self.dilation[a]
         return Axis(length, inp.stride * s, inp.stride * self.pad[a] + inp.before,
                     inp.stride * (reach - self.pad[a]) + inp.after)
-
-    def __call__(self, patch: Tensor) -> Tensor:
-        """The convolution of an already zero-padded input patch."""
-        m = self.module
-        return F.conv2d(patch, m.weight, m.bias, self.stride, 0, self.dilation, m.groups)
 
 
 @dataclass

@@ -25,7 +25,7 @@ blocks.4, 192 against 223 (282); bench/bench_breakdown.py has the breakdown by l
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import torch
 import torch.fx as fx
